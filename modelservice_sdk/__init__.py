@@ -1,0 +1,1 @@
+"""Public Python surface of modelservice: a typed gRPC client, the CLI, and the plugin loader."""

@@ -1,0 +1,203 @@
+"""A small typed gRPC client for modelservice (used by the CLI and the tests)."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+from google.protobuf import json_format
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+from modelservice.v1 import model_service_pb2 as pb
+from modelservice.v1 import model_service_pb2_grpc as pb_grpc
+
+DEFAULT_CHUNK_BYTES = 1024 * 1024
+MAX_MESSAGE_BYTES = 8 * 1024 * 1024
+
+ProgressCallback = Callable[[int, int], None]
+"""Called with (bytes sent so far, total bytes) as an upload goes."""
+
+
+class ServiceError(Exception):
+    """A failed call, with the service's stable reason and details."""
+
+    def __init__(self, code: grpc.StatusCode, message: str, reason: str, metadata: dict[str, str]) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.reason = reason
+        self.metadata = metadata
+
+    def __str__(self) -> str:
+        return f"{self.code.name} {self.reason}: {self.message}"
+
+    @classmethod
+    def from_rpc_error(cls, error: grpc.aio.AioRpcError) -> ServiceError:
+        reason, metadata = "", {}
+        # AioRpcError offers the same code()/trailing_metadata() that from_call reads.
+        status = rpc_status.from_call(error)  # type: ignore[arg-type]
+        if status is not None:
+            for detail in status.details:
+                info = error_details_pb2.ErrorInfo()
+                if detail.Unpack(info):
+                    reason, metadata = info.reason, dict(info.metadata)
+        return cls(error.code(), error.details() or "", reason, metadata)
+
+
+@dataclass(frozen=True)
+class UploadFields:
+    """The metadata of an upload (the public API's form fields)."""
+
+    namespace_id: str
+    name: str
+    version: str
+    model_format: str
+    framework: str = ""
+    task_type: str = ""
+    num_cpus: float | None = None
+    num_gpus: int | None = None
+    memory_gb: float | None = None
+    expected_sha256: str = ""
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while block := handle.read(DEFAULT_CHUNK_BYTES):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class ModelServiceClient:
+    """`async with ModelServiceClient("127.0.0.1:50051", api_key) as client: ...`"""
+
+    def __init__(self, address: str, api_key: str | None) -> None:
+        self._channel = grpc.aio.insecure_channel(
+            address,
+            options=[
+                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ],
+        )
+        self.stub = pb_grpc.ModelServiceStub(self._channel)
+        self._metadata = (("authorization", f"Bearer {api_key}"),) if api_key else ()
+
+    async def __aenter__(self) -> ModelServiceClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    @property
+    def metadata(self) -> tuple[tuple[str, str], ...]:
+        return self._metadata
+
+    async def upload_file(
+        self,
+        path: Path,
+        fields: UploadFields,
+        *,
+        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+        progress: ProgressCallback | None = None,
+    ) -> pb.UploadModelResponse:
+        """Streams a file; never reads it whole."""
+        total = path.stat().st_size
+
+        async def messages() -> AsyncIterator[pb.UploadModelRequest]:
+            yield upload_header(fields)
+            sent = 0
+            with path.open("rb") as handle:
+                while block := handle.read(chunk_bytes):
+                    sent += len(block)
+                    yield pb.UploadModelRequest(chunk=block)
+                    if progress is not None:
+                        progress(sent, total)
+
+        return await self.upload_stream(messages())
+
+    async def upload_stream(self, messages: AsyncIterator[pb.UploadModelRequest]) -> pb.UploadModelResponse:
+        try:
+            response: pb.UploadModelResponse = await self.stub.UploadModel(messages, metadata=self._metadata)
+        except grpc.aio.AioRpcError as error:
+            raise ServiceError.from_rpc_error(error) from None
+        return response
+
+    async def get_model(self, namespace_id: str, model_id: str) -> pb.GetModelResponse:
+        response: pb.GetModelResponse = await self._unary(
+            self.stub.GetModel, pb.GetModelRequest(namespace_id=namespace_id, model_id=model_id)
+        )
+        return response
+
+    async def deploy_model(self, namespace_id: str, model_id: str, *, wait: bool = True) -> pb.DeployModelResponse:
+        request = pb.DeployModelRequest(namespace_id=namespace_id, model_id=model_id, wait=wait)
+        response: pb.DeployModelResponse = await self._unary(self.stub.DeployModel, request)
+        return response
+
+    async def get_deploy_task(self, namespace_id: str, task_id: str) -> pb.DeployTask:
+        task: pb.DeployTask = await self._unary(
+            self.stub.GetDeployTask, pb.GetDeployTaskRequest(namespace_id=namespace_id, task_id=task_id)
+        )
+        return task
+
+    async def get_model_deploy_status(self, namespace_id: str, model_id: str) -> pb.DeployTask:
+        task: pb.DeployTask = await self._unary(
+            self.stub.GetModelDeployStatus,
+            pb.GetModelDeployStatusRequest(namespace_id=namespace_id, model_id=model_id),
+        )
+        return task
+
+    async def watch_deployment(
+        self, namespace_id: str, model_id: str, *, after_sequence: int = 0
+    ) -> AsyncIterator[pb.DeploymentEvent]:
+        request = pb.WatchDeploymentRequest(
+            namespace_id=namespace_id, model_id=model_id, after_sequence=after_sequence
+        )
+        call = self.stub.WatchDeployment(request, metadata=self._metadata)
+        try:
+            async for event in call:
+                yield event
+        except grpc.aio.AioRpcError as error:
+            raise ServiceError.from_rpc_error(error) from None
+        finally:
+            call.cancel()
+
+    async def _unary(self, method: Any, request: Any) -> Any:
+        try:
+            return await method(request, metadata=self._metadata)
+        except grpc.aio.AioRpcError as error:
+            raise ServiceError.from_rpc_error(error) from None
+
+
+def upload_header(fields: UploadFields) -> pb.UploadModelRequest:
+    """The first message of an upload: metadata only."""
+    header = pb.UploadModelRequest(
+        namespace_id=fields.namespace_id,
+        name=fields.name,
+        version=fields.version,
+        model_format=fields.model_format,
+        framework=fields.framework,
+        task_type=fields.task_type,
+        expected_sha256=fields.expected_sha256,
+    )
+    if fields.num_cpus is not None:
+        header.num_cpus = fields.num_cpus
+    if fields.num_gpus is not None:
+        header.num_gpus = fields.num_gpus
+    if fields.memory_gb is not None:
+        header.memory_gb = fields.memory_gb
+    return header
+
+
+def message_to_json(message: Any) -> dict[str, Any]:
+    """A response as the REST API spells it (snake_case, defaults included)."""
+    result: dict[str, Any] = json_format.MessageToDict(
+        message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+    )
+    return result

@@ -1,0 +1,1 @@
+"""modelservice: the gRPC service that stores and deploys custom models."""

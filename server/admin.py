@@ -1,0 +1,113 @@
+"""Administration of tenants: namespaces (with their tier) and API keys.
+
+    python -m server.admin create-namespace acme --tier enterprise
+    python -m server.admin create-key --namespace acme --label ci
+    python -m server.admin list-keys [--namespace acme]
+    python -m server.admin revoke-key <key_id>
+    python -m server.admin set-tier acme pro
+
+It talks to MongoDB directly: `MODELSERVICE_MONGODB_URI`, or, when the service runs with its
+embedded MongoDB, the address that the running service wrote to `<data_dir>/mongodb/uri`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from pymongo import AsyncMongoClient
+
+from server.core.models import Tier, utc_now
+from server.core.tenancy import TenancyService
+from server.errors import ModelServiceError
+from server.persistence.mongo import TenancyRepository, database
+from server.settings import Settings
+
+URI_FILE = Path("mongodb") / "uri"
+
+
+def mongodb_uri(settings: Settings) -> str:
+    if settings.mongodb_uri:
+        return settings.mongodb_uri
+    uri_file = settings.data_dir / URI_FILE
+    if not uri_file.exists():
+        raise SystemExit(
+            "no MongoDB to talk to: set MODELSERVICE_MONGODB_URI, or start the service "
+            f"(it writes the embedded server's address to {uri_file})"
+        )
+    return uri_file.read_text().strip()
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="modelservice-admin", description="Manage namespaces and API keys.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    create_ns = commands.add_parser("create-namespace", help="create a namespace")
+    create_ns.add_argument("namespace_id")
+    create_ns.add_argument("--tier", choices=[t.value for t in Tier], default=Tier.ENTERPRISE.value)
+    set_tier = commands.add_parser("set-tier", help="change a namespace's tier")
+    set_tier.add_argument("namespace_id")
+    set_tier.add_argument("tier", choices=[t.value for t in Tier])
+    create_key = commands.add_parser("create-key", help="issue an API key (printed once)")
+    create_key.add_argument("--namespace", action="append", required=True, dest="namespaces")
+    create_key.add_argument("--label", default="")
+    list_keys = commands.add_parser("list-keys", help="list keys (never their secrets)")
+    list_keys.add_argument("--namespace", default=None)
+    revoke = commands.add_parser("revoke-key", help="revoke a key by its id")
+    revoke.add_argument("key_id")
+    return parser
+
+
+async def run(arguments: argparse.Namespace, settings: Settings) -> dict[str, Any]:
+    client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(mongodb_uri(settings), tz_aware=True)
+    try:
+        repository = TenancyRepository(database(client, settings.mongodb_database))
+        await repository.ensure_indexes()
+        tenancy = TenancyService(repository)
+        if arguments.command == "create-namespace":
+            namespace = await tenancy.create_namespace(arguments.namespace_id, Tier(arguments.tier))
+            return {"namespace_id": namespace.namespace_id, "tier": namespace.tier.value}
+        if arguments.command == "set-tier":
+            if not await repository.set_tier(arguments.namespace_id, Tier(arguments.tier)):
+                raise SystemExit(f"namespace {arguments.namespace_id!r} not found")
+            return {"namespace_id": arguments.namespace_id, "tier": arguments.tier}
+        if arguments.command == "create-key":
+            issued = await tenancy.issue_key(arguments.namespaces, arguments.label)
+            return {"key_id": issued.key_id, "api_key": issued.key, "namespaces": list(issued.namespaces)}
+        if arguments.command == "list-keys":
+            keys = await repository.list_keys(arguments.namespace)
+            return {
+                "keys": [
+                    {
+                        "key_id": key["_id"],
+                        "namespaces": key["namespaces"],
+                        "label": key.get("label", ""),
+                        "created_at": str(key.get("created_at")),
+                        "revoked": key.get("revoked_at") is not None,
+                    }
+                    for key in keys
+                ]
+            }
+        if not await repository.revoke_key(arguments.key_id, utc_now()):
+            raise SystemExit(f"no active key {arguments.key_id!r}")
+        return {"key_id": arguments.key_id, "revoked": True}
+    finally:
+        await client.close()
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    arguments = _parser().parse_args(argv)
+    try:
+        result = asyncio.run(run(arguments, Settings.from_env()))
+    except ModelServiceError as error:
+        print(f"error: {error.reason}: {error.message}", file=sys.stderr)
+        raise SystemExit(1) from None
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""The gRPC adapter: converts requests to core calls and core results to responses."""

@@ -1,0 +1,113 @@
+"""Pure conversions between protobuf messages and core values. No I/O, no rules."""
+
+from __future__ import annotations
+
+import datetime
+from collections.abc import Iterable
+from typing import Any
+
+from google.protobuf import json_format, struct_pb2, timestamp_pb2
+from modelservice.v1 import model_service_pb2 as pb
+
+from server.core.models import DeploymentStatus, StoredModel
+from server.core.uploads import UploadResult
+from server.core.validation import UploadDeclaration
+
+
+def bearer_token(metadata: Iterable[tuple[str, str | bytes]] | None) -> str | None:
+    """The API key of `authorization: Bearer <key>` metadata, or None."""
+    for key, value in metadata or ():
+        if key.lower() == "authorization":
+            text = value.decode() if isinstance(value, bytes) else value
+            scheme, _, token = text.strip().partition(" ")
+            if scheme.lower() == "bearer" and token.strip():
+                return token.strip()
+            return None
+    return None
+
+
+def declaration_from_request(request: pb.UploadModelRequest) -> UploadDeclaration:
+    return UploadDeclaration(
+        namespace_id=request.namespace_id,
+        name=request.name,
+        version=request.version,
+        model_format=request.model_format,
+        framework=request.framework,
+        task_type=request.task_type,
+        num_cpus=request.num_cpus if request.HasField("num_cpus") else None,
+        num_gpus=request.num_gpus if request.HasField("num_gpus") else None,
+        memory_gb=request.memory_gb if request.HasField("memory_gb") else None,
+        expected_sha256=request.expected_sha256,
+        input_schema=_dict_or_none(request, "input_schema"),
+        output_schema=_dict_or_none(request, "output_schema"),
+    )
+
+
+def upload_response(result: UploadResult) -> pb.UploadModelResponse:
+    model = result.model
+    return pb.UploadModelResponse(
+        success=True,
+        model_id=model.model_id,
+        deployment_status=DeploymentStatus.NOT_DEPLOYED.value,
+        endpoint=model.endpoint,
+        model_archive_url=model.archive_url,
+        model_hash=model.sha256,
+        size_bytes=float(model.size_bytes),
+    )
+
+
+def model_document(model: StoredModel) -> pb.CustomModelDocument:
+    metadata = model.metadata
+    document = pb.CustomModelDocument(
+        model_id=model.model_id,
+        namespace_id=metadata.namespace_id,
+        name=metadata.name,
+        version=metadata.version,
+        model_archive_url=model.archive_url,
+        model_format=metadata.model_format.value,
+        model_hash=model.sha256,
+        deployed=model.deployed,
+        framework=metadata.framework or "",
+        task_type=metadata.task_type or "",
+        resource_requirements=pb.ModelResourceRequirements(
+            num_cpus=metadata.resources.num_cpus,
+            num_gpus=metadata.resources.num_gpus,
+            memory=float(metadata.resources.memory_bytes),
+        ),
+        created_at=timestamp(model.created_at),
+        updated_at=timestamp(model.updated_at),
+        size_bytes=float(model.size_bytes),
+    )
+    if metadata.input_schema is not None:
+        document.input_schema.update(metadata.input_schema)
+    if metadata.output_schema is not None:
+        document.output_schema.update(metadata.output_schema)
+    info = model.deployment_info
+    if info is not None:
+        document.deployment_info.CopyFrom(
+            pb.ModelDeploymentInfo(
+                ray_cluster_url=info.ray_cluster_url,
+                ray_deployment_name=info.ray_deployment_name,
+                endpoint=info.endpoint,
+                base_image=info.base_image,
+            )
+        )
+        if info.deployed_at is not None:
+            document.deployment_info.deployed_at.CopyFrom(timestamp(info.deployed_at))
+    return document
+
+
+def timestamp(moment: datetime.datetime) -> timestamp_pb2.Timestamp:
+    stamp = timestamp_pb2.Timestamp()
+    if moment.tzinfo is None:  # MongoDB hands back naive UTC unless asked otherwise
+        moment = moment.replace(tzinfo=datetime.UTC)
+    stamp.FromDatetime(moment)
+    return stamp
+
+
+def _dict_or_none(message: Any, field: str) -> dict[str, Any] | None:
+    if not message.HasField(field):
+        return None
+    value: struct_pb2.Struct = getattr(message, field)
+    converted: dict[str, Any] = json_format.MessageToDict(value)
+    return converted

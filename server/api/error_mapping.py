@@ -1,0 +1,133 @@
+"""The one place where failures become gRPC statuses.
+
+A `ModelServiceError` becomes its gRPC code plus a `google.rpc.Status` carrying
+`google.rpc.ErrorInfo` (reason, domain, metadata) in the `grpc-status-details-bin`
+trailer; Envoy turns the same status into the REST error body. Anything else is a bug:
+it is logged once with its traceback and the caller gets INTERNAL with a generic message.
+Covers unary and streaming handlers alike.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+from google.protobuf import any_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+from server.errors import ErrorKind, ModelServiceError
+
+logger = logging.getLogger(__name__)
+
+ERROR_DOMAIN = "modelservice"
+
+GRPC_CODES: dict[ErrorKind, grpc.StatusCode] = {
+    ErrorKind.INVALID_INPUT: grpc.StatusCode.INVALID_ARGUMENT,
+    ErrorKind.UNAUTHENTICATED: grpc.StatusCode.UNAUTHENTICATED,
+    ErrorKind.FORBIDDEN: grpc.StatusCode.PERMISSION_DENIED,
+    ErrorKind.NOT_FOUND: grpc.StatusCode.NOT_FOUND,
+    ErrorKind.CONFLICT: grpc.StatusCode.ALREADY_EXISTS,
+    ErrorKind.FAILED_PRECONDITION: grpc.StatusCode.FAILED_PRECONDITION,
+    ErrorKind.UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
+}
+
+OWN_SERVICE_PREFIX = "/modelservice.v1."
+INTERNAL_MESSAGE = "internal error; the service logged the details"
+
+
+def status_for(error: ModelServiceError) -> grpc.Status:
+    """The rich status of a domain error."""
+    code = GRPC_CODES[error.kind]
+    return _rich_status(code, error.message, error.reason, dict(error.details))
+
+
+def internal_status() -> grpc.Status:
+    return _rich_status(grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE, "INTERNAL", {})
+
+
+def _rich_status(
+    code: grpc.StatusCode, message: str, reason: str, metadata: dict[str, str]
+) -> grpc.Status:
+    info = error_details_pb2.ErrorInfo(reason=reason, domain=ERROR_DOMAIN, metadata=metadata)
+    detail = any_pb2.Any()
+    detail.Pack(info)
+    proto = status_pb2.Status(
+        code=getattr(code_pb2, code.name), message=message, details=[detail]
+    )
+    status: grpc.Status = rpc_status.to_status(proto)
+    return status
+
+
+async def _abort(context: grpc.aio.ServicerContext[Any, Any], error: BaseException) -> None:
+    if isinstance(error, ModelServiceError):
+        status = status_for(error)
+    else:
+        logger.error("unhandled error in RPC", exc_info=error)
+        status = internal_status()
+    await context.abort(status.code, status.details, trailing_metadata=status.trailing_metadata)
+
+
+_PASS_THROUGH = (asyncio.CancelledError, grpc.aio.AbortError)
+
+
+def _wrap_single_response(
+    behavior: Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]],
+) -> Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]]:
+    async def guarded(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        try:
+            return await behavior(request, context)
+        except _PASS_THROUGH:
+            raise
+        except Exception as error:
+            await _abort(context, error)
+
+    return guarded
+
+
+def _wrap_streaming_response(
+    behavior: Callable[[Any, grpc.aio.ServicerContext[Any, Any]], AsyncIterator[Any]],
+) -> Callable[[Any, grpc.aio.ServicerContext[Any, Any]], AsyncIterator[Any]]:
+    async def guarded(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
+        try:
+            async for response in behavior(request, context):
+                yield response
+        except _PASS_THROUGH:
+            raise
+        except Exception as error:
+            await _abort(context, error)
+
+    return guarded
+
+
+class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
+    """Wraps every handler so that no servicer needs a try/except."""
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
+        handler = await continuation(handler_call_details)
+        if handler is None or not handler_call_details.method.startswith(OWN_SERVICE_PREFIX):
+            # Health and reflection come from grpcio and map their own errors.
+            return handler
+        serializers = {
+            "request_deserializer": handler.request_deserializer,
+            "response_serializer": handler.response_serializer,
+        }
+        # Our servicer's methods are all coroutines / async generators (grpc.aio); the
+        # stubs type handlers as the sync API's, hence the Any.
+        behaviors: Any = handler
+        if behaviors.unary_unary:
+            return grpc.unary_unary_rpc_method_handler(_wrap_single_response(behaviors.unary_unary), **serializers)
+        if behaviors.stream_unary:
+            return grpc.stream_unary_rpc_method_handler(_wrap_single_response(behaviors.stream_unary), **serializers)
+        if behaviors.unary_stream:
+            return grpc.unary_stream_rpc_method_handler(_wrap_streaming_response(behaviors.unary_stream), **serializers)
+        if behaviors.stream_stream:
+            return grpc.stream_stream_rpc_method_handler(_wrap_streaming_response(behaviors.stream_stream), **serializers)
+        return handler

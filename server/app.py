@@ -1,0 +1,166 @@
+"""The composition root: builds every client and service once and owns their lifetimes.
+
+`ModelServiceApp` is used by the launcher and by the tests alike (with other settings);
+leaving its context stops the gRPC server gracefully and then closes the clients in
+reverse order of creation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from types import TracebackType
+from typing import Any
+
+import aioboto3
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from modelservice.v1 import model_service_pb2, model_service_pb2_grpc
+from pymongo import AsyncMongoClient
+
+from server.api.error_mapping import ErrorMappingInterceptor
+from server.api.servicer import ModelServiceServicer
+from server.archives.inspector import InspectionLimits
+from server.archives.stores import ArchiveStore, LocalArchiveStore, S3ArchiveStore
+from server.core.tenancy import TenancyService
+from server.core.uploads import UploadJanitor, UploadLimits, UploadService
+from server.embedded.processes import embedded_mongodb
+from server.persistence.mongo import ModelRepository, TenancyRepository, database
+from server.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+SERVICE_NAME = model_service_pb2.DESCRIPTOR.services_by_name["ModelService"].full_name
+
+
+class ModelServiceApp:
+    """The running service. `async with ModelServiceApp(settings) as app:` serves on `app.port`."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._stack = contextlib.AsyncExitStack()
+        self._server: grpc.aio.Server | None = None
+        self._health: health.aio.HealthServicer | None = None
+        self.port = 0
+        self.mongodb_uri = ""
+        # Built in start(); public so tools (admin, tests) reuse the same services.
+        self.tenancy: TenancyService
+        self.uploads: UploadService
+        self.janitor: UploadJanitor
+        self.store: ArchiveStore
+
+    async def __aenter__(self) -> ModelServiceApp:
+        try:
+            await self._start()
+        except BaseException:
+            await self._stack.aclose()
+            raise
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.stop()
+
+    async def _start(self) -> None:
+        settings = self.settings
+        self.mongodb_uri = settings.mongodb_uri or await self._stack.enter_async_context(
+            embedded_mongodb(settings.data_dir / "mongodb")
+        )
+        mongo: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(self.mongodb_uri, tz_aware=True)
+        self._stack.push_async_callback(mongo.close)
+        db = database(mongo, settings.mongodb_database)
+        models = ModelRepository(db)
+        tenancy_repository = TenancyRepository(db)
+        await models.ensure_indexes()
+        await tenancy_repository.ensure_indexes()
+
+        self.store = await self._open_store()
+        self.tenancy = TenancyService(tenancy_repository)
+        self.uploads = UploadService(
+            self.tenancy,
+            models,
+            self.store,
+            UploadLimits(
+                max_archive_bytes=settings.max_archive_bytes,
+                inspection=InspectionLimits(
+                    max_unpacked_bytes=settings.max_unpacked_bytes,
+                    max_compression_ratio=settings.max_compression_ratio,
+                    max_members=settings.max_archive_members,
+                ),
+                lease_seconds=settings.upload_lease_seconds,
+            ),
+        )
+        self.janitor = UploadJanitor(models, self.store, settings.upload_lease_seconds)
+        janitor_task = asyncio.create_task(self.janitor.run_forever(settings.janitor_interval_seconds))
+        self._stack.push_async_callback(_cancel, janitor_task)
+
+        await self._start_grpc(ModelServiceServicer(self.uploads))
+
+    async def _open_store(self) -> ArchiveStore:
+        settings = self.settings
+        if not settings.s3_bucket:
+            return LocalArchiveStore(settings.data_dir / "archives")
+        session = aioboto3.Session()
+        client = await self._stack.enter_async_context(
+            session.client(
+                "s3",
+                endpoint_url=settings.s3_endpoint_url or None,
+                region_name=settings.s3_region,
+            )
+        )
+        store = S3ArchiveStore(
+            client,
+            settings.s3_bucket,
+            prefix=settings.s3_prefix,
+            part_bytes=settings.multipart_part_bytes,
+            parts_in_flight=settings.multipart_parts_in_flight,
+        )
+        await store.ensure_bucket()
+        return store
+
+    async def _start_grpc(self, servicer: ModelServiceServicer) -> None:
+        settings = self.settings
+        limit = settings.grpc_max_message_bytes
+        server = grpc.aio.server(
+            interceptors=[ErrorMappingInterceptor()],
+            options=[
+                ("grpc.max_receive_message_length", limit),
+                ("grpc.max_send_message_length", limit),
+            ],
+        )
+        model_service_pb2_grpc.add_ModelServiceServicer_to_server(servicer, server)
+        self._health = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        reflection.enable_server_reflection(
+            [SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], server
+        )
+        self.port = server.add_insecure_port(f"{settings.grpc_host}:{settings.grpc_port}")
+        if self.port == 0:
+            raise OSError(f"could not bind {settings.grpc_host}:{settings.grpc_port}")
+        await server.start()
+        self._server = server
+        for name in ("", SERVICE_NAME):
+            await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        logger.info("modelservice listening on %s:%d", settings.grpc_host, self.port)
+
+    @property
+    def address(self) -> str:
+        return f"{self.settings.grpc_host}:{self.port}"
+
+    async def stop(self) -> None:
+        """Health turns NOT_SERVING first (load balancers drain), then RPCs get the grace period."""
+        if self._server is not None:
+            if self._health is not None:
+                await self._health.enter_graceful_shutdown()
+            await self._server.stop(self.settings.shutdown_grace_seconds)
+            self._server = None
+        await self._stack.aclose()
+
+
+async def _cancel(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task

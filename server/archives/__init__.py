@@ -1,0 +1,1 @@
+"""Archives: streaming inspection of uploaded archives and the stores that keep them."""

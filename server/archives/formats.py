@@ -1,0 +1,238 @@
+"""What proves an archive holds the declared format, gathered while members stream by.
+
+Only small heads of the relevant files are kept: a safetensors file's JSON header (checked
+against the file's size, tensor by tensor), a `config.json`, the first bytes of ONNX and
+PyTorch files. Deep checks that need the whole weights (unpickling with
+`weights_only=True`, building an ONNX session) happen at deploy time, on Ray.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import posixpath
+from dataclasses import dataclass, field
+from typing import NoReturn
+
+from server.archives.tar_stream import TarMember
+from server.core.models import ModelFormat
+from server.errors import InvalidArchive
+
+SAFETENSORS_SUFFIX = ".safetensors"
+ONNX_SUFFIX = ".onnx"
+TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
+HF_CONFIG = "config.json"
+MAX_SAFETENSORS_HEADER = 16 * 1024 * 1024
+MAX_CONFIG_BYTES = 1024 * 1024
+_HEAD_BYTES = 64
+
+#: Bytes per element of every safetensors dtype.
+SAFETENSORS_DTYPE_BYTES = {
+    "BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1,
+    "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+    "I32": 4, "U32": 4, "F32": 4,
+    "I64": 8, "U64": 8, "F64": 8,
+}
+
+_ZIP_MAGIC = b"PK\x03\x04"
+_PICKLE_PROTOCOL_MARK = 0x80
+
+
+@dataclass
+class _Member:
+    path: str
+    size: int
+    wanted: int
+    head: bytearray = field(default_factory=bytearray)
+
+
+class FormatEvidence:
+    """Collects member heads for the format checks; bounded memory."""
+
+    def __init__(self, declared: ModelFormat) -> None:
+        self.declared = declared
+        self.file_paths: list[str] = []
+        self.weight_paths: list[str] = []
+        self.safetensors_files: list[str] = []
+        self.onnx_files: list[str] = []
+        self.torch_files: list[str] = []
+        self.configs: dict[str, dict[str, object]] = {}  # directory -> parsed config.json
+        self._current: _Member | None = None
+
+    def start_member(self, member: TarMember) -> None:
+        if member.is_directory:
+            return
+        self.file_paths.append(member.path)
+        name = posixpath.basename(member.path)
+        if name.endswith(SAFETENSORS_SUFFIX):
+            wanted = 8  # grows to 8 + header length once the length is read
+        elif name == HF_CONFIG:
+            if member.size > MAX_CONFIG_BYTES:
+                raise InvalidArchive(
+                    f"{member.path} is larger than {MAX_CONFIG_BYTES} bytes",
+                    check="config_json", member=member.path,
+                )
+            wanted = member.size
+        elif name.endswith(ONNX_SUFFIX) or name.endswith(TORCH_SUFFIXES):
+            wanted = _HEAD_BYTES
+        else:
+            wanted = 0
+        self._current = _Member(member.path, member.size, wanted)
+        if member.size == 0:
+            self.end_member()
+
+    def member_data(self, data: memoryview) -> None:
+        current = self._current
+        if current is None:
+            return
+        offset = 0
+        while offset < len(data) and len(current.head) < current.wanted:
+            take = current.wanted - len(current.head)
+            current.head += data[offset : offset + take]
+            offset += take
+            if current.path.endswith(SAFETENSORS_SUFFIX) and current.wanted == 8 == len(current.head):
+                # The 8-byte length prefix is in: now keep the JSON header that follows.
+                header_length = int.from_bytes(current.head, "little")
+                if header_length > MAX_SAFETENSORS_HEADER:
+                    raise InvalidArchive(
+                        f"{current.path}: the safetensors header declares {header_length} bytes, "
+                        f"more than the {MAX_SAFETENSORS_HEADER} allowed",
+                        check="safetensors", member=current.path,
+                    )
+                current.wanted = 8 + header_length
+
+    def end_member(self) -> None:
+        current, self._current = self._current, None
+        if current is None:
+            return
+        name = posixpath.basename(current.path)
+        directory = posixpath.dirname(current.path)
+        head = bytes(current.head)
+        if name.endswith(SAFETENSORS_SUFFIX):
+            validate_safetensors_header(current.path, head, current.size)
+            self.safetensors_files.append(current.path)
+            self.weight_paths.append(current.path)
+        elif name == HF_CONFIG:
+            self.configs[directory] = _parse_config(current.path, head)
+        elif name.endswith(ONNX_SUFFIX):
+            if _looks_like_onnx(head):
+                self.onnx_files.append(current.path)
+                self.weight_paths.append(current.path)
+            elif self.declared is ModelFormat.ONNX:
+                raise InvalidArchive(
+                    f"{current.path} is not an ONNX model (no ModelProto header)",
+                    check="onnx", member=current.path,
+                )
+        elif name.endswith(TORCH_SUFFIXES):
+            if _looks_like_torch(head):
+                self.torch_files.append(current.path)
+                self.weight_paths.append(current.path)
+            elif self.declared in (ModelFormat.PYTORCH, ModelFormat.HUGGINGFACE):
+                raise InvalidArchive(
+                    f"{current.path} is neither a torch.save zip nor a pickle",
+                    check="pytorch", member=current.path,
+                )
+
+
+def check_format(evidence: FormatEvidence) -> None:
+    """Raises InvalidArchive unless the archive holds what its declared format needs."""
+    declared = evidence.declared
+    if declared is ModelFormat.SAFETENSORS and not evidence.safetensors_files:
+        _missing(declared, "no .safetensors file")
+    if declared is ModelFormat.ONNX and not evidence.onnx_files:
+        _missing(declared, "no .onnx file")
+    if declared is ModelFormat.PYTORCH and not evidence.torch_files:
+        _missing(declared, "no PyTorch file (.pt, .pth, .bin, .ckpt)")
+    if declared is ModelFormat.HUGGINGFACE:
+        if not evidence.configs:
+            _missing(declared, f"no {HF_CONFIG}")
+        weights = evidence.safetensors_files + evidence.torch_files
+        if not any(_is_within(w, directory) for w in weights for directory in evidence.configs):
+            _missing(declared, f"no weights (.safetensors or .bin) beside {HF_CONFIG}")
+
+
+def validate_safetensors_header(path: str, head: bytes, file_size: int) -> dict[str, object]:
+    """Checks a safetensors header against the file size; returns the parsed header."""
+    if len(head) < 8:
+        _bad_safetensors(path, "the file is shorter than its 8-byte header length")
+    header_length = int.from_bytes(head[:8], "little")
+    if len(head) < 8 + header_length or file_size < 8 + header_length:
+        _bad_safetensors(path, "the file ends inside its header")
+    try:
+        header = json.loads(head[8 : 8 + header_length])
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        _bad_safetensors(path, "the header is not valid JSON")
+    if not isinstance(header, dict):
+        _bad_safetensors(path, "the header is not a JSON object")
+    parsed: dict[str, object] = header
+    data_size = file_size - 8 - header_length
+    spans: list[tuple[int, int]] = []
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        if not isinstance(info, dict):
+            _bad_safetensors(path, f"tensor {name!r} has no description")
+        dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+        if dtype not in SAFETENSORS_DTYPE_BYTES:
+            _bad_safetensors(path, f"tensor {name!r} has unknown dtype {dtype!r}")
+        if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
+            _bad_safetensors(path, f"tensor {name!r} has a bad shape")
+        if not (
+            isinstance(offsets, list)
+            and len(offsets) == 2
+            and all(isinstance(o, int) for o in offsets)
+            and 0 <= offsets[0] <= offsets[1]
+        ):
+            _bad_safetensors(path, f"tensor {name!r} has bad data_offsets")
+        expected = math.prod(shape) * SAFETENSORS_DTYPE_BYTES[dtype]
+        if offsets[1] - offsets[0] != expected:
+            _bad_safetensors(path, f"tensor {name!r} spans {offsets[1] - offsets[0]} bytes, its shape needs {expected}")
+        spans.append((offsets[0], offsets[1]))
+    spans.sort()
+    position = 0
+    for begin, end in spans:
+        if begin != position:
+            _bad_safetensors(path, "tensor data overlaps or leaves gaps")
+        position = end
+    if position != data_size:
+        _bad_safetensors(
+            path, f"the tensors cover {position} bytes but the file holds {data_size} after its header"
+        )
+    return parsed
+
+
+def _bad_safetensors(path: str, why: str) -> NoReturn:
+    raise InvalidArchive(f"{path} is not a valid safetensors file: {why}", check="safetensors", member=path)
+
+
+def _parse_config(path: str, head: bytes) -> dict[str, object]:
+    try:
+        config = json.loads(head)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise InvalidArchive(f"{path} is not valid JSON", check="config_json", member=path) from None
+    if not isinstance(config, dict):
+        raise InvalidArchive(f"{path} is not a JSON object", check="config_json", member=path)
+    parsed: dict[str, object] = config
+    return parsed
+
+
+def _looks_like_onnx(head: bytes) -> bool:
+    # A serialized ModelProto starts with field 1 (ir_version, varint): tag byte 0x08,
+    # followed by a small version number. Nothing else in our accepted set starts so.
+    return len(head) >= 2 and head[0] == 0x08 and 1 <= head[1] <= 64
+
+
+def _looks_like_torch(head: bytes) -> bool:
+    # torch.save (and TorchScript) write a zip; the legacy format is a pickle.
+    return head.startswith(_ZIP_MAGIC) or (len(head) >= 2 and head[0] == _PICKLE_PROTOCOL_MARK and 2 <= head[1] <= 5)
+
+
+def _is_within(path: str, directory: str) -> bool:
+    return directory == "" or path.startswith(directory + "/")
+
+
+def _missing(declared: ModelFormat, what: str) -> NoReturn:
+    raise InvalidArchive(
+        f"the archive does not hold a {declared.value} model: {what}",
+        check="format", model_format=declared.value,
+    )

@@ -1,0 +1,1 @@
+"""The core: uploads, models, tenancy. Knows nothing of gRPC, REST or Envoy."""

@@ -1,0 +1,219 @@
+"""Streaming uploads: reserve, then hash + inspect + store every chunk in one pass.
+
+Order matters. The (namespace, name, version) is reserved in MongoDB before the first
+byte is read, so a duplicate fails at once instead of after gigabytes. Each chunk then
+goes, concurrently, to the sha256, the archive inspector (both in worker threads: they
+are CPU work and release the GIL) and the store's writer. Any failure or cancellation
+aborts the writer and releases the reservation: nothing half-made stays behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import datetime
+import hashlib
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from server.archives.inspector import ArchiveInspector, ArchiveReport, InspectionLimits
+from server.archives.stores import ArchiveStore, ArchiveWriter
+from server.core.models import ModelMetadata, StoredModel, utc_now
+from server.core.tenancy import TenancyService
+from server.core.validation import UploadDeclaration, validate_declaration
+from server.errors import ArchiveTooLarge, ChecksumMismatch, InvalidArchive, ModelNotFound
+from server.persistence.mongo import ModelRepository
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class UploadLimits:
+    max_archive_bytes: int
+    inspection: InspectionLimits
+    lease_seconds: float
+
+
+@dataclass(frozen=True)
+class UploadResult:
+    model: StoredModel
+    report: ArchiveReport
+
+
+@dataclass(frozen=True)
+class UploadStats:
+    """How an upload went; the most recent ones are kept for metrics and diagnosis."""
+
+    model_id: str
+    size_bytes: int
+    seconds: float
+    peak_buffered_bytes: int
+    """Most archive bytes the store's writer held in memory at once (the bound to keep)."""
+
+
+RECENT_UPLOADS_KEPT = 100
+
+
+class UploadService:
+    def __init__(
+        self,
+        tenancy: TenancyService,
+        models: ModelRepository,
+        store: ArchiveStore,
+        limits: UploadLimits,
+    ) -> None:
+        self._tenancy = tenancy
+        self._models = models
+        self._store = store
+        self._limits = limits
+        self.recent_uploads: collections.deque[UploadStats] = collections.deque(maxlen=RECENT_UPLOADS_KEPT)
+
+    async def upload(
+        self,
+        bearer_token: str | None,
+        declared: UploadDeclaration,
+        chunks: AsyncIterator[bytes],
+    ) -> UploadResult:
+        await self._tenancy.authorize(bearer_token, declared.namespace_id)
+        metadata = validate_declaration(declared)
+        started = time.monotonic()
+        model_id = uuid.uuid4().hex
+        archive_key = f"{metadata.namespace_id}/{model_id}/archive"
+        await self._models.reserve(model_id, metadata, archive_key, self._lease_end(), utc_now())
+        writer: ArchiveWriter | None = None
+        stored = False
+        try:
+            writer = await self._store.open_writer(archive_key)
+            await self._models.record_upload_id(model_id, writer.upload_id)
+            sha256, size, report = await self._consume(model_id, metadata, chunks, writer)
+            await writer.complete()
+            stored = True
+            model = await self._models.finalize(
+                model_id,
+                sha256=sha256,
+                size_bytes=size,
+                archive_url=self._store.url_for(archive_key),
+                now=utc_now(),
+            )
+        except BaseException:
+            # Also on cancellation (client gone): shielded so the clean-up itself finishes.
+            await asyncio.shield(self._discard(model_id, archive_key, writer, stored))
+            raise
+        stats = UploadStats(model_id, size, time.monotonic() - started, writer.peak_buffered_bytes)
+        self.recent_uploads.append(stats)
+        logger.info(
+            "uploaded model %s (%s/%s:%s, %d bytes in %.2fs, peak buffer %d bytes, sha256 %s)",
+            model_id, metadata.namespace_id, metadata.name, metadata.version, size,
+            stats.seconds, stats.peak_buffered_bytes, sha256,
+        )
+        return UploadResult(model=model, report=report)
+
+    async def get(self, bearer_token: str | None, namespace_id: str, model_id: str) -> StoredModel:
+        await self._tenancy.authorize(bearer_token, namespace_id)
+        model = await self._models.get(namespace_id, model_id)
+        if model is None:
+            raise ModelNotFound(
+                f"model {model_id!r} not found in namespace {namespace_id!r}",
+                id=model_id, resource="model", namespace_id=namespace_id,
+            )
+        return model
+
+    async def _consume(
+        self,
+        model_id: str,
+        metadata: ModelMetadata,
+        chunks: AsyncIterator[bytes],
+        writer: ArchiveWriter,
+    ) -> tuple[str, int, ArchiveReport]:
+        digest = hashlib.sha256()
+        inspector = ArchiveInspector(metadata.model_format, self._limits.inspection)
+        size = 0
+        next_renewal = time.monotonic() + self._limits.lease_seconds / 3
+        async for chunk in chunks:
+            if not chunk:
+                continue
+            size += len(chunk)
+            if size > self._limits.max_archive_bytes:
+                raise ArchiveTooLarge(
+                    f"the archive is larger than the limit of {self._limits.max_archive_bytes} bytes",
+                    limit=self._limits.max_archive_bytes,
+                )
+            outcomes = await asyncio.gather(
+                asyncio.to_thread(digest.update, chunk),
+                asyncio.to_thread(inspector.feed, chunk),
+                writer.write(chunk),
+                return_exceptions=True,
+            )
+            for outcome in outcomes:
+                if isinstance(outcome, BaseException):
+                    raise outcome
+            if time.monotonic() >= next_renewal:
+                await self._models.renew_lease(model_id, self._lease_end())
+                next_renewal = time.monotonic() + self._limits.lease_seconds / 3
+        if size == 0:
+            raise InvalidArchive("the upload holds no archive bytes", check="empty")
+        report = await asyncio.to_thread(inspector.finish)
+        sha256 = digest.hexdigest()
+        if metadata.expected_sha256 and metadata.expected_sha256 != sha256:
+            raise ChecksumMismatch(
+                "the archive's sha256 differs from expected_sha256: the upload was corrupted "
+                "or the expected digest is wrong",
+                expected_sha256=metadata.expected_sha256, actual_sha256=sha256, size_bytes=size,
+            )
+        return sha256, size, report
+
+    async def _discard(
+        self, model_id: str, archive_key: str, writer: ArchiveWriter | None, stored: bool
+    ) -> None:
+        try:
+            if stored:
+                await self._store.delete(archive_key)
+            elif writer is not None:
+                await writer.abort()
+        except Exception:
+            logger.exception("could not abort the archive upload of %s; the janitor retries", model_id)
+        try:
+            await self._models.release(model_id)
+        except Exception:
+            logger.exception("could not release reservation %s; the janitor retries", model_id)
+
+    def _lease_end(self) -> datetime.datetime:
+        return utc_now() + datetime.timedelta(seconds=self._limits.lease_seconds)
+
+
+class UploadJanitor:
+    """Clears what replicas that died mid-upload left: reservations and pending uploads."""
+
+    def __init__(self, models: ModelRepository, store: ArchiveStore, lease_seconds: float) -> None:
+        self._models = models
+        self._store = store
+        self._lease = datetime.timedelta(seconds=lease_seconds)
+
+    async def sweep(self) -> int:
+        """Returns how many stale reservations and orphan uploads were cleared."""
+        now = utc_now()
+        cleared = 0
+        for reservation in await self._models.expired_reservations(now):
+            if reservation.get("upload_id"):
+                await self._store.abort_pending(reservation["archive_key"], reservation["upload_id"])
+            await self._models.release(reservation["_id"])
+            cleared += 1
+        live = await self._models.reservation_upload_ids()
+        for pending in await self._store.list_pending():
+            if pending.upload_id not in live and pending.started_at < now - self._lease:
+                await self._store.abort_pending(pending.key, pending.upload_id)
+                cleared += 1
+        if cleared:
+            logger.info("janitor cleared %d stale uploads", cleared)
+        return cleared
+
+    async def run_forever(self, interval_seconds: float) -> None:
+        while True:
+            try:
+                await self.sweep()
+            except Exception:
+                logger.exception("janitor sweep failed; retrying next interval")
+            await asyncio.sleep(interval_seconds)

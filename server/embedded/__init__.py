@@ -1,0 +1,1 @@
+"""Embedded defaults: servers the service (and the tests) start as child processes."""

@@ -1,0 +1,1 @@
+"""Persistence: MongoDB documents of namespaces, API keys, models and deployments."""

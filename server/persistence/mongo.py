@@ -1,0 +1,306 @@
+"""MongoDB repositories (pymongo's AsyncMongoClient).
+
+Coordination between replicas goes through these documents: a unique index reserves a
+(namespace, name, version) before any byte flows; conditional updates flip states.
+Reads never trust a stored value's type: some MongoDB-compatible servers hand back 1 for
+True, or a datetime written by `$set` as a string. Times that queries compare (leases) are
+stored as epoch seconds, which every server compares correctly.
+"""
+
+from __future__ import annotations
+
+import datetime
+from typing import Any
+
+from pymongo import ASCENDING, AsyncMongoClient, ReturnDocument
+from pymongo.asynchronous.database import AsyncDatabase
+from pymongo.errors import DuplicateKeyError
+
+from server.core.models import (
+    DeploymentInfo,
+    ModelFormat,
+    ModelMetadata,
+    Namespace,
+    ResourceRequirements,
+    StoredModel,
+    Tier,
+)
+from server.errors import ModelAlreadyExists, NamespaceAlreadyExists
+
+Document = dict[str, Any]
+
+UPLOADING = "uploading"
+READY = "ready"
+
+
+def as_utc_datetime(value: Any) -> datetime.datetime:
+    """A stored time as an aware UTC datetime, whatever type the server handed back."""
+    if isinstance(value, str):
+        value = datetime.datetime.fromisoformat(value)
+    if not isinstance(value, datetime.datetime):
+        raise TypeError(f"not a stored time: {value!r}")
+    if value.tzinfo is None:
+        return value.replace(tzinfo=datetime.UTC)
+    return value.astimezone(datetime.UTC)
+
+
+def epoch_seconds(moment: datetime.datetime) -> float:
+    return moment.timestamp()
+
+
+def database(client: AsyncMongoClient[Document], name: str) -> AsyncDatabase[Document]:
+    return client.get_database(name)
+
+
+class ModelRepository:
+    """The `models` collection: reservations while uploading, then model documents."""
+
+    def __init__(self, db: AsyncDatabase[Document]) -> None:
+        self._models = db["models"]
+
+    async def ensure_indexes(self) -> None:
+        await self._models.create_index(
+            [("namespace_id", ASCENDING), ("name", ASCENDING), ("version", ASCENDING)],
+            unique=True,
+            name="unique_namespace_name_version",
+        )
+        await self._models.create_index([("state", ASCENDING), ("lease_expires_at", ASCENDING)])
+
+    async def reserve(
+        self,
+        model_id: str,
+        metadata: ModelMetadata,
+        archive_key: str,
+        lease_expires_at: datetime.datetime,
+        now: datetime.datetime,
+    ) -> None:
+        """Claims (namespace, name, version) for an upload; raises ModelAlreadyExists."""
+        document: Document = {
+            "_id": model_id,
+            "state": UPLOADING,
+            "namespace_id": metadata.namespace_id,
+            "name": metadata.name,
+            "version": metadata.version,
+            "model_format": metadata.model_format.value,
+            "framework": metadata.framework,
+            "task_type": metadata.task_type,
+            "resources": {
+                "num_cpus": metadata.resources.num_cpus,
+                "num_gpus": metadata.resources.num_gpus,
+                "memory": metadata.resources.memory_bytes,
+            },
+            "input_schema": metadata.input_schema,
+            "output_schema": metadata.output_schema,
+            "expected_sha256": metadata.expected_sha256,
+            "archive_key": archive_key,
+            "upload_id": None,
+            "lease_expires_at": epoch_seconds(lease_expires_at),
+            "deployed": False,
+            "deployment_info": None,
+            "created_at": now,
+            "updated_at": now,
+        }
+        try:
+            await self._models.insert_one(document)
+        except DuplicateKeyError:
+            raise ModelAlreadyExists(
+                f"model {metadata.name!r} version {metadata.version!r} already exists in "
+                f"namespace {metadata.namespace_id!r}",
+                namespace_id=metadata.namespace_id,
+                name=metadata.name,
+                version=metadata.version,
+            ) from None
+
+    async def record_upload_id(self, model_id: str, upload_id: str) -> None:
+        await self._models.update_one(
+            {"_id": model_id, "state": UPLOADING}, {"$set": {"upload_id": upload_id}}
+        )
+
+    async def renew_lease(self, model_id: str, lease_expires_at: datetime.datetime) -> None:
+        await self._models.update_one(
+            {"_id": model_id, "state": UPLOADING},
+            {"$set": {"lease_expires_at": epoch_seconds(lease_expires_at)}},
+        )
+
+    async def finalize(
+        self,
+        model_id: str,
+        *,
+        sha256: str,
+        size_bytes: int,
+        archive_url: str,
+        now: datetime.datetime,
+    ) -> StoredModel:
+        """Turns the reservation into a ready model document."""
+        document = await self._models.find_one_and_update(
+            {"_id": model_id, "state": UPLOADING},
+            {
+                "$set": {
+                    "state": READY,
+                    "sha256": sha256,
+                    "size_bytes": size_bytes,
+                    "archive_url": archive_url,
+                    "created_at": now,
+                    "updated_at": now,
+                },
+                "$unset": {"upload_id": "", "lease_expires_at": "", "expected_sha256": ""},
+            },
+            return_document=ReturnDocument.AFTER,
+        )
+        if document is None:
+            raise RuntimeError(f"reservation {model_id} vanished before its upload completed")
+        return model_from_document(document)
+
+    async def release(self, model_id: str) -> None:
+        """Removes a reservation whose upload failed; a ready model is never touched."""
+        await self._models.delete_one({"_id": model_id, "state": UPLOADING})
+
+    async def get(self, namespace_id: str, model_id: str) -> StoredModel | None:
+        document = await self._models.find_one(
+            {"_id": model_id, "namespace_id": namespace_id, "state": READY}
+        )
+        return None if document is None else model_from_document(document)
+
+    async def get_any_namespace(self, model_id: str) -> StoredModel | None:
+        """For in-cluster loaders, which address models by id alone."""
+        document = await self._models.find_one({"_id": model_id, "state": READY})
+        return None if document is None else model_from_document(document)
+
+    async def expired_reservations(self, now: datetime.datetime) -> list[Document]:
+        cursor = self._models.find({"state": UPLOADING, "lease_expires_at": {"$lt": epoch_seconds(now)}})
+        return [document async for document in cursor]
+
+    async def reservation_upload_ids(self) -> set[str]:
+        cursor = self._models.find({"state": UPLOADING}, {"upload_id": 1})
+        return {doc["upload_id"] async for doc in cursor if doc.get("upload_id")}
+
+    async def set_deployment(
+        self,
+        model_id: str,
+        *,
+        deployed: bool,
+        info: DeploymentInfo | None,
+        now: datetime.datetime,
+    ) -> None:
+        info_document = None
+        if info is not None:
+            info_document = {
+                "ray_cluster_url": info.ray_cluster_url,
+                "ray_deployment_name": info.ray_deployment_name,
+                "endpoint": info.endpoint,
+                "base_image": info.base_image,
+                "deployed_at": info.deployed_at,
+            }
+        await self._models.update_one(
+            {"_id": model_id, "state": READY},
+            {"$set": {"deployed": deployed, "deployment_info": info_document, "updated_at": now}},
+        )
+
+    async def deployed_model_ids(self) -> list[str]:
+        cursor = self._models.find({"state": READY, "deployed": True}, {"_id": 1})
+        return [doc["_id"] async for doc in cursor]
+
+
+def model_from_document(document: Document) -> StoredModel:
+    resources = document.get("resources") or {}
+    info = document.get("deployment_info")
+    return StoredModel(
+        model_id=document["_id"],
+        metadata=ModelMetadata(
+            namespace_id=document["namespace_id"],
+            name=document["name"],
+            version=document["version"],
+            model_format=ModelFormat(document["model_format"]),
+            framework=document.get("framework"),
+            task_type=document.get("task_type"),
+            resources=ResourceRequirements(
+                num_cpus=float(resources.get("num_cpus", 1.0)),
+                num_gpus=int(resources.get("num_gpus", 0)),
+                memory_bytes=int(resources.get("memory", 4 * 1024**3)),
+            ),
+            expected_sha256=None,
+            input_schema=document.get("input_schema"),
+            output_schema=document.get("output_schema"),
+        ),
+        archive_url=document.get("archive_url", ""),
+        archive_key=document["archive_key"],
+        sha256=document.get("sha256", ""),
+        size_bytes=int(document.get("size_bytes", 0)),
+        deployed=bool(document.get("deployed")),
+        deployment_info=None
+        if not info
+        else DeploymentInfo(
+            ray_cluster_url=info.get("ray_cluster_url") or "",
+            ray_deployment_name=info.get("ray_deployment_name") or "",
+            endpoint=info.get("endpoint") or "",
+            base_image=info.get("base_image") or "",
+            deployed_at=as_utc_datetime(info["deployed_at"]) if info.get("deployed_at") else None,
+        ),
+        created_at=as_utc_datetime(document["created_at"]),
+        updated_at=as_utc_datetime(document["updated_at"]),
+    )
+
+
+class TenancyRepository:
+    """The `namespaces` and `api_keys` collections. Keys are stored as hashes only."""
+
+    def __init__(self, db: AsyncDatabase[Document]) -> None:
+        self._namespaces = db["namespaces"]
+        self._keys = db["api_keys"]
+
+    async def ensure_indexes(self) -> None:
+        await self._keys.create_index("key_hash", unique=True, name="unique_key_hash")
+
+    async def create_namespace(self, namespace_id: str, tier: Tier, now: datetime.datetime) -> Namespace:
+        try:
+            await self._namespaces.insert_one({"_id": namespace_id, "tier": tier.value, "created_at": now})
+        except DuplicateKeyError:
+            raise NamespaceAlreadyExists(
+                f"namespace {namespace_id!r} already exists", namespace_id=namespace_id
+            ) from None
+        return Namespace(namespace_id=namespace_id, tier=tier, created_at=now)
+
+    async def set_tier(self, namespace_id: str, tier: Tier) -> bool:
+        result = await self._namespaces.update_one({"_id": namespace_id}, {"$set": {"tier": tier.value}})
+        return result.matched_count == 1
+
+    async def get_namespace(self, namespace_id: str) -> Namespace | None:
+        document = await self._namespaces.find_one({"_id": namespace_id})
+        if document is None:
+            return None
+        return Namespace(
+            namespace_id=document["_id"],
+            tier=Tier(document["tier"]),
+            created_at=as_utc_datetime(document["created_at"]),
+        )
+
+    async def insert_key(
+        self, key_id: str, key_hash: str, namespaces: list[str], label: str, now: datetime.datetime
+    ) -> None:
+        await self._keys.insert_one(
+            {
+                "_id": key_id,
+                "key_hash": key_hash,
+                "namespaces": namespaces,
+                "label": label,
+                "created_at": now,
+                "revoked_at": None,
+            }
+        )
+
+    async def find_active_key(self, key_hash: str) -> Document | None:
+        document = await self._keys.find_one({"key_hash": key_hash})
+        if document is None or document.get("revoked_at") is not None:
+            return None
+        return document
+
+    async def list_keys(self, namespace_id: str | None) -> list[Document]:
+        query: Document = {} if namespace_id is None else {"namespaces": namespace_id}
+        cursor = self._keys.find(query, {"key_hash": 0}).sort("created_at", ASCENDING)
+        return [document async for document in cursor]
+
+    async def revoke_key(self, key_id: str, now: datetime.datetime) -> bool:
+        result = await self._keys.update_one(
+            {"_id": key_id, "revoked_at": None}, {"$set": {"revoked_at": now}}
+        )
+        return result.modified_count == 1

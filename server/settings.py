@@ -1,0 +1,94 @@
+"""The service's settings: one typed object, read from the environment once at start.
+
+Every knob is an environment variable `MODELSERVICE_<FIELD>` (upper case). Empty
+addresses select the embedded defaults: an nx-27017 subprocess for MongoDB, a local
+directory for archives, a local Ray head. No other module reads `os.environ`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+ENV_PREFIX = "MODELSERVICE_"
+MIB = 1024 * 1024
+GIB = 1024 * MIB
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    grpc_host: str = "127.0.0.1"
+    """Address the gRPC server binds to."""
+    grpc_port: int = 50051
+    """gRPC port; 0 picks a free one (the bound port is logged and returned by the app)."""
+
+    mongodb_uri: str = ""
+    """MongoDB connection string. Empty: start an embedded nx-27017 server in `data_dir`."""
+    mongodb_database: str = "modelservice"
+    """Database holding namespaces, api_keys, models and deployments."""
+
+    s3_bucket: str = ""
+    """Bucket for archives. Empty: store archives in `data_dir/archives` instead."""
+    s3_endpoint_url: str = ""
+    """S3 endpoint (MinIO, moto, ...). Empty: the AWS default for the region."""
+    s3_region: str = "us-east-1"
+    """S3 region."""
+    s3_prefix: str = "archives/"
+    """Key prefix of archives in the bucket."""
+
+    data_dir: Path = Path(".modelservice")
+    """Where embedded servers and the local archive store keep their files."""
+
+    max_archive_bytes: int = 64 * GIB
+    """Largest archive accepted, compressed (ARCHIVE_TOO_LARGE above it)."""
+    max_unpacked_bytes: int = 256 * GIB
+    """Largest total size of the archive's files once decompressed (bomb guard)."""
+    max_compression_ratio: float = 200.0
+    """Largest unpacked/compressed ratio accepted past the first 64 MiB (bomb guard)."""
+    max_archive_members: int = 100_000
+    """Most files and directories an archive may hold."""
+    multipart_part_bytes: int = 8 * MIB
+    """Size of each S3 multipart part (S3 needs at least 5 MiB but for the last)."""
+    multipart_parts_in_flight: int = 2
+    """Parts uploading at once; memory per upload stays under (this + 1) x part size."""
+    upload_lease_seconds: float = 120.0
+    """An upload whose replica stopped renewing its reservation for this long is cleaned."""
+    janitor_interval_seconds: float = 60.0
+    """How often stale reservations and orphan multipart uploads are cleaned."""
+
+    grpc_max_message_bytes: int = 8 * MIB
+    """Largest gRPC message accepted (upload chunks must fit)."""
+    shutdown_grace_seconds: float = 10.0
+    """On SIGTERM: time in-flight RPCs get to finish after health turns NOT_SERVING."""
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+        """Reads `MODELSERVICE_*` variables; explicit `overrides` win over the environment."""
+        source = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for field in dataclasses.fields(cls):
+            raw = source.get(ENV_PREFIX + field.name.upper())
+            if raw is None or raw == "":
+                continue
+            values[field.name] = _parse(field.type, raw, field.name)
+        values.update(overrides)
+        return cls(**values)
+
+    @property
+    def multipart_buffer_budget_bytes(self) -> int:
+        """Upper bound of archive bytes one upload holds in memory."""
+        return (self.multipart_parts_in_flight + 1) * self.multipart_part_bytes
+
+
+def _parse(type_name: object, raw: str, name: str) -> object:
+    parsers: dict[str, Any] = {"int": int, "float": float, "str": str, "Path": Path}
+    parser = parsers.get(str(type_name))
+    if parser is None:
+        raise TypeError(f"no parser for setting {name} of type {type_name}")
+    try:
+        return parser(raw)
+    except ValueError as error:
+        raise ValueError(f"{ENV_PREFIX}{name.upper()}={raw!r}: {error}") from error

@@ -1,0 +1,103 @@
+"""Shared fixtures: real MongoDB (nx-27017 or MODELSERVICE_TEST_MONGODB_URI), real S3
+(moto's server or MODELSERVICE_TEST_S3_ENDPOINT_URL), and the service on a free port."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from moto.server import ThreadedMotoServer
+
+from modelservice_sdk.client import ModelServiceClient
+from server.app import ModelServiceApp
+from server.core.models import Tier
+from server.embedded.processes import embedded_mongodb
+from server.settings import MIB, Settings
+
+# Small parts so that a test archive of tens of MiB spans many parts.
+TEST_PART_BYTES = 5 * MIB
+TEST_PARTS_IN_FLIGHT = 2
+
+
+@pytest.fixture(scope="session")
+def session_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("modelservice")
+
+
+@pytest.fixture(scope="session")
+async def mongodb_uri(session_dir: Path) -> AsyncIterator[str]:
+    given = os.environ.get("MODELSERVICE_TEST_MONGODB_URI")
+    if given:
+        yield given
+        return
+    async with embedded_mongodb(session_dir / "mongodb") as uri:
+        yield uri
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint() -> Iterator[str]:
+    given = os.environ.get("MODELSERVICE_TEST_S3_ENDPOINT_URL")
+    if given:
+        yield given
+        return
+    for variable, value in (
+        ("AWS_ACCESS_KEY_ID", "testing"),
+        ("AWS_SECRET_ACCESS_KEY", "testing"),
+        ("AWS_DEFAULT_REGION", "us-east-1"),
+    ):
+        os.environ.setdefault(variable, value)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def service_settings(mongodb_uri: str, s3_endpoint: str, session_dir: Path) -> Settings:
+    run = uuid.uuid4().hex[:8]
+    return Settings(
+        grpc_port=0,
+        mongodb_uri=mongodb_uri,
+        mongodb_database=f"modelservice_test_{run}",
+        s3_bucket=f"modelservice-test-{run}",
+        s3_endpoint_url=s3_endpoint,
+        data_dir=session_dir / "service",
+        multipart_part_bytes=TEST_PART_BYTES,
+        multipart_parts_in_flight=TEST_PARTS_IN_FLIGHT,
+        shutdown_grace_seconds=2.0,
+    )
+
+
+@pytest.fixture(scope="session")
+async def app(service_settings: Settings) -> AsyncIterator[ModelServiceApp]:
+    async with ModelServiceApp(service_settings) as running:
+        yield running
+
+
+@dataclass(frozen=True)
+class Tenant:
+    namespace_id: str
+    api_key: str
+
+
+async def make_tenant(app: ModelServiceApp, tier: Tier = Tier.ENTERPRISE) -> Tenant:
+    namespace_id = f"ns-{uuid.uuid4().hex[:10]}"
+    await app.tenancy.create_namespace(namespace_id, tier)
+    issued = await app.tenancy.issue_key([namespace_id], label="test")
+    return Tenant(namespace_id=namespace_id, api_key=issued.key)
+
+
+@pytest.fixture
+async def tenant(app: ModelServiceApp) -> Tenant:
+    return await make_tenant(app)
+
+
+@pytest.fixture
+async def client(app: ModelServiceApp, tenant: Tenant) -> AsyncIterator[ModelServiceClient]:
+    async with ModelServiceClient(app.address, tenant.api_key) as connected:
+        yield connected

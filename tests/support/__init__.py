@@ -1,0 +1,1 @@
+"""Helpers the tests share: model files and archives built from scratch, clients."""

@@ -1,0 +1,317 @@
+"""UploadModel and GetModel end to end over real gRPC, nx-27017 and moto's S3 server."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc
+import pytest
+from modelservice.v1 import model_service_pb2 as pb
+
+from modelservice_sdk.client import (
+    ModelServiceClient,
+    ServiceError,
+    UploadFields,
+    file_sha256,
+    message_to_json,
+    upload_header,
+)
+from server.app import ModelServiceApp
+from server.core.models import Tier
+from tests.conftest import TEST_PART_BYTES, TEST_PARTS_IN_FLIGHT, Tenant, make_tenant
+from tests.support import model_files
+
+pytestmark = pytest.mark.integration
+
+
+def _fields(tenant: Tenant, model_format: str, **extra: object) -> UploadFields:
+    return UploadFields(
+        namespace_id=tenant.namespace_id,
+        name=str(extra.pop("name", f"model-{model_format}")),
+        version=str(extra.pop("version", "1.0.0")),
+        model_format=model_format,
+        **extra,  # type: ignore[arg-type]
+    )
+
+
+def _build_archive(tmp_path: Path, model_format: str, compression: str) -> Path:
+    source = tmp_path / "src"
+    if model_format == "safetensors":
+        model_files.write_safetensors(source, model_files.reference_weights())
+    elif model_format == "onnx":
+        model_files.write_onnx(source)
+    elif model_format == "pytorch":
+        model_files.write_state_dict(source, model_files.tiny_net())
+    elif model_format == "torchscript":
+        model_files.write_torchscript(source, model_files.tiny_net())
+    else:
+        model_files.write_huggingface(source, model_files.reference_weights())
+    suffix = {"gz": ".tar.gz", "": ".tar", "zst": ".tar.zst"}[compression]
+    return model_files.pack(source, tmp_path / f"model{suffix}", compression)
+
+
+async def _s3_objects_and_uploads(app: ModelServiceApp, namespace_id: str) -> tuple[list[str], list[str]]:
+    import aioboto3
+
+    settings = app.settings
+    async with aioboto3.Session().client(
+        "s3", endpoint_url=settings.s3_endpoint_url, region_name=settings.s3_region
+    ) as s3:
+        prefix = f"{settings.s3_prefix}{namespace_id}/"
+        listed = await s3.list_objects_v2(Bucket=settings.s3_bucket, Prefix=prefix)
+        uploads = await s3.list_multipart_uploads(Bucket=settings.s3_bucket, Prefix=prefix)
+    return [o["Key"] for o in listed.get("Contents", [])], [u["Key"] for u in uploads.get("Uploads", [])]
+
+
+@pytest.mark.parametrize(
+    ("model_format", "declared", "compression"),
+    [
+        ("safetensors", "safetensors", "gz"),
+        ("onnx", "onnx", ""),
+        ("pytorch", "pytorch", "zst"),
+        ("torchscript", "pytorch", "gz"),
+        ("huggingface", "huggingface", "gz"),
+    ],
+)
+async def test_upload_then_get_returns_every_seed_field_and_the_sha256(
+    client: ModelServiceClient, tenant: Tenant, tmp_path: Path, model_format: str, declared: str, compression: str
+) -> None:
+    archive = _build_archive(tmp_path, model_format, compression)
+    fields = _fields(tenant, declared, framework="torch", task_type="embedding", num_cpus=2.5, num_gpus=0, memory_gb=1.5)
+
+    uploaded = await client.upload_file(archive, fields, chunk_bytes=4096)
+
+    assert uploaded.success is True
+    assert uploaded.deployment_status == "not_deployed"
+    assert uploaded.model_hash == file_sha256(archive)
+    assert uploaded.size_bytes == archive.stat().st_size
+    assert uploaded.model_archive_url.startswith("s3://")
+    assert uploaded.endpoint == f"/v1/namespaces/{tenant.namespace_id}/models/{uploaded.model_id}"
+
+    got = message_to_json(await client.get_model(tenant.namespace_id, uploaded.model_id))
+    model = got["model"]
+    assert got["success"] is True
+    assert model["model_id"] == uploaded.model_id
+    assert model["namespace_id"] == tenant.namespace_id
+    assert (model["name"], model["version"], model["model_format"]) == (fields.name, "1.0.0", declared)
+    assert model["model_hash"] == file_sha256(archive)
+    assert model["model_archive_url"] == uploaded.model_archive_url
+    assert model["deployed"] is False
+    assert (model["framework"], model["task_type"]) == ("torch", "embedding")
+    assert model["resource_requirements"] == {"num_cpus": 2.5, "num_gpus": 0, "memory": 1.5 * 1024**3}
+    assert model["created_at"].endswith("Z") and model["updated_at"].endswith("Z")
+
+
+async def test_duplicate_name_and_version_fails_before_any_byte_with_already_exists(
+    client: ModelServiceClient, tenant: Tenant, tmp_path: Path
+) -> None:
+    archive = _build_archive(tmp_path, "safetensors", "gz")
+    await client.upload_file(archive, _fields(tenant, "safetensors", name="dup"))
+    bytes_requested = 0
+
+    async def messages() -> AsyncIterator[pb.UploadModelRequest]:
+        nonlocal bytes_requested
+        yield upload_header(_fields(tenant, "safetensors", name="dup"))
+        for _ in range(100):  # the server must answer long before these are needed
+            bytes_requested += 1
+            await asyncio.sleep(0.05)
+            yield pb.UploadModelRequest(chunk=b"\0" * 1024)
+
+    with pytest.raises(ServiceError) as raised:
+        await client.upload_stream(messages())
+    assert raised.value.code is grpc.StatusCode.ALREADY_EXISTS
+    assert raised.value.reason == "MODEL_ALREADY_EXISTS"
+    assert raised.value.metadata == {"namespace_id": tenant.namespace_id, "name": "dup", "version": "1.0.0"}
+    assert bytes_requested < 100
+
+
+async def test_checksum_mismatch_is_rejected_and_leaves_nothing(
+    app: ModelServiceApp, client: ModelServiceClient, tenant: Tenant, tmp_path: Path
+) -> None:
+    archive = _build_archive(tmp_path, "safetensors", "gz")
+    wrong = hashlib.sha256(b"something else").hexdigest()
+
+    with pytest.raises(ServiceError) as raised:
+        await client.upload_file(archive, _fields(tenant, "safetensors", expected_sha256=wrong))
+
+    assert raised.value.code is grpc.StatusCode.INVALID_ARGUMENT
+    assert raised.value.reason == "CHECKSUM_MISMATCH"
+    assert raised.value.metadata["expected_sha256"] == wrong
+    assert raised.value.metadata["actual_sha256"] == file_sha256(archive)
+    assert await _s3_objects_and_uploads(app, tenant.namespace_id) == ([], [])
+    # The name is free again: nothing half-made holds it.
+    await client.upload_file(archive, _fields(tenant, "safetensors", expected_sha256=file_sha256(archive)))
+
+
+@pytest.mark.parametrize(
+    ("declared", "members", "expected_fragment"),
+    [
+        ("safetensors", {"model/readme.txt": b"hello"}, "no .safetensors file"),
+        ("safetensors", {"model/model.safetensors": b"\x10\0\0\0\0\0\0\0{not json}      "}, "not valid JSON"),
+        ("onnx", {"model/model.onnx": b"definitely not onnx"}, "not an ONNX model"),
+        ("huggingface", {"model/model.safetensors": model_files.safetensors_bytes()}, "no config.json"),
+        ("huggingface", {"model/config.json": b"{}"}, "no weights"),
+        ("safetensors", {"/abs/model.safetensors": model_files.safetensors_bytes()}, "absolute path"),
+        ("safetensors", {"../up/model.safetensors": model_files.safetensors_bytes()}, "'..'"),
+    ],
+)
+async def test_archive_without_the_declared_format_is_invalid_archive(
+    app: ModelServiceApp, client: ModelServiceClient, tenant: Tenant, tmp_path: Path,
+    declared: str, members: dict[str, bytes], expected_fragment: str,
+) -> None:
+    archive = tmp_path / "bad.tar.gz"
+    archive.write_bytes(model_files.tar_bytes(members, "gz"))
+
+    with pytest.raises(ServiceError) as raised:
+        await client.upload_file(archive, _fields(tenant, declared))
+
+    assert raised.value.code is grpc.StatusCode.INVALID_ARGUMENT
+    assert raised.value.reason == "INVALID_ARCHIVE"
+    assert expected_fragment in raised.value.message
+    assert await _s3_objects_and_uploads(app, tenant.namespace_id) == ([], [])
+
+
+async def test_not_an_archive_at_all_is_invalid_archive(client: ModelServiceClient, tenant: Tenant, tmp_path: Path) -> None:
+    junk = tmp_path / "junk.bin"
+    junk.write_bytes(b"PK\x03\x04 this is a zip, not a tar" * 40)
+    with pytest.raises(ServiceError) as raised:
+        await client.upload_file(junk, _fields(tenant, "safetensors"))
+    assert raised.value.reason == "INVALID_ARCHIVE"
+
+
+async def test_cancel_mid_stream_leaves_no_document_and_no_multipart_upload(
+    app: ModelServiceApp, client: ModelServiceClient, tenant: Tenant
+) -> None:
+    sent_enough = asyncio.Event()
+
+    async def messages() -> AsyncIterator[pb.UploadModelRequest]:
+        yield upload_header(_fields(tenant, "safetensors", name="cancelled"))
+        for index in range(10_000):
+            yield pb.UploadModelRequest(chunk=bytes(1024 * 1024))
+            if index == 12:  # more than two 5 MiB parts: a multipart upload is under way
+                sent_enough.set()
+            await asyncio.sleep(0.01)
+
+    call = client.stub.UploadModel(messages(), metadata=client.metadata)
+    await asyncio.wait_for(sent_enough.wait(), 30)
+    await asyncio.sleep(0.5)
+    call.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await call
+
+    async def cleaned_up() -> bool:
+        objects, uploads = await _s3_objects_and_uploads(app, tenant.namespace_id)
+        return objects == [] and uploads == []
+
+    for _ in range(100):
+        if await cleaned_up():
+            break
+        await asyncio.sleep(0.1)
+    assert await cleaned_up()
+    # The reservation is gone too: the same name and version upload fine now.
+    small = model_files.tar_bytes({"m/model.safetensors": model_files.safetensors_bytes()}, "gz")
+
+    async def retry() -> AsyncIterator[pb.UploadModelRequest]:
+        yield upload_header(_fields(tenant, "safetensors", name="cancelled"))
+        yield pb.UploadModelRequest(chunk=small)
+
+    assert (await client.upload_stream(retry())).success
+
+
+async def test_archive_many_times_the_buffer_budget_streams_with_bounded_buffering(
+    client: ModelServiceClient, tenant: Tenant, tmp_path: Path, app: ModelServiceApp
+) -> None:
+    budget = (TEST_PARTS_IN_FLIGHT + 1) * TEST_PART_BYTES
+    weights = model_files.reference_weights(scale=144 * 1024)  # encoder.weight: 72 MiB of float32
+    archive = model_files.pack(model_files.write_safetensors(tmp_path / "big", weights), tmp_path / "big.tar", "")
+    assert archive.stat().st_size > 4 * budget
+
+    uploaded = await client.upload_file(archive, _fields(tenant, "safetensors", name="big"))
+
+    assert uploaded.model_hash == file_sha256(archive)
+    stats = next(s for s in app.uploads.recent_uploads if s.model_id == uploaded.model_id)
+    assert stats.size_bytes == archive.stat().st_size
+    assert 0 < stats.peak_buffered_bytes <= budget
+
+
+@pytest.mark.parametrize("tier", [Tier.FREE, Tier.PRO])
+async def test_tier_without_custom_models_is_permission_denied(app: ModelServiceApp, tmp_path: Path, tier: Tier) -> None:
+    limited = await make_tenant(app, tier)
+    archive = _build_archive(tmp_path, "safetensors", "gz")
+    async with ModelServiceClient(app.address, limited.api_key) as limited_client:
+        with pytest.raises(ServiceError) as raised:
+            await limited_client.upload_file(archive, _fields(limited, "safetensors"))
+    assert raised.value.code is grpc.StatusCode.PERMISSION_DENIED
+    assert raised.value.reason == "CUSTOM_MODELS_NOT_SUPPORTED"
+    assert raised.value.metadata["tier"] == tier.value
+
+
+@pytest.mark.parametrize("api_key", [None, "msk_unknown_key"])
+async def test_missing_or_unknown_key_is_unauthenticated(app: ModelServiceApp, tenant: Tenant, api_key: str | None) -> None:
+    async with ModelServiceClient(app.address, api_key) as anonymous:
+        with pytest.raises(ServiceError) as raised:
+            await anonymous.get_model(tenant.namespace_id, "whatever")
+    assert raised.value.code is grpc.StatusCode.UNAUTHENTICATED
+    assert raised.value.reason == "UNAUTHENTICATED"
+
+
+async def test_other_namespaces_model_answers_like_a_missing_one(
+    app: ModelServiceApp, client: ModelServiceClient, tenant: Tenant, tmp_path: Path
+) -> None:
+    uploaded = await client.upload_file(_build_archive(tmp_path, "onnx", "gz"), _fields(tenant, "onnx"))
+    stranger = await make_tenant(app)
+    async with ModelServiceClient(app.address, stranger.api_key) as stranger_client:
+        # With the stranger's own namespace: the model does not exist there.
+        with pytest.raises(ServiceError) as in_own:
+            await stranger_client.get_model(stranger.namespace_id, uploaded.model_id)
+        # With the owner's namespace: the stranger's key does not reach it.
+        with pytest.raises(ServiceError) as in_foreign:
+            await stranger_client.get_model(tenant.namespace_id, uploaded.model_id)
+    with pytest.raises(ServiceError) as unknown:
+        await client.get_model(tenant.namespace_id, "0" * 32)
+    assert in_own.value.code is unknown.value.code is grpc.StatusCode.NOT_FOUND
+    assert in_own.value.reason == unknown.value.reason == "MODEL_NOT_FOUND"
+    assert in_foreign.value.code is grpc.StatusCode.NOT_FOUND
+    assert in_foreign.value.reason == "NAMESPACE_NOT_FOUND"
+
+
+async def test_unknown_namespace_is_namespace_not_found(app: ModelServiceApp) -> None:
+    issued_for = await make_tenant(app)
+    async with ModelServiceClient(app.address, issued_for.api_key) as scoped:
+        with pytest.raises(ServiceError) as raised:
+            await scoped.get_model("no-such-namespace", "x")
+    assert raised.value.reason == "NAMESPACE_NOT_FOUND"
+    assert raised.value.metadata == {"id": "no-such-namespace", "resource": "namespace"}
+
+
+@pytest.mark.parametrize(
+    ("override", "field"),
+    [
+        ({"model_format": "tensorflow"}, "model_format"),
+        ({"num_cpus": 0.05}, "num_cpus"),
+        ({"num_cpus": 65.0}, "num_cpus"),
+        ({"num_gpus": 9}, "num_gpus"),
+        ({"memory_gb": 0.0}, "memory_gb"),
+        ({"name": "../etc"}, "name"),
+        ({"version": ""}, "version"),
+        ({"expected_sha256": "abc"}, "expected_sha256"),
+    ],
+)
+async def test_bad_metadata_is_rejected_before_bytes_with_the_field_named(
+    client: ModelServiceClient, tenant: Tenant, override: dict[str, object], field: str
+) -> None:
+    values: dict[str, object] = {"name": "m", "version": "1", "model_format": "safetensors"}
+    values.update(override)
+    fields = UploadFields(namespace_id=tenant.namespace_id, **values)  # type: ignore[arg-type]
+
+    async def messages() -> AsyncIterator[pb.UploadModelRequest]:
+        yield upload_header(fields)
+
+    with pytest.raises(ServiceError) as raised:
+        await client.upload_stream(messages())
+    assert raised.value.code is grpc.StatusCode.INVALID_ARGUMENT
+    assert raised.value.reason == "INVALID_ARGUMENT"
+    assert raised.value.metadata["field"] == field
