@@ -24,9 +24,13 @@ from server.api.error_mapping import ErrorMappingInterceptor
 from server.api.servicer import ModelServiceServicer
 from server.archives.inspector import InspectionLimits
 from server.archives.stores import ArchiveStore, LocalArchiveStore, S3ArchiveStore
+from server.core.deployments import DeploymentService, WatchTiming
 from server.core.tenancy import TenancyService
 from server.core.uploads import UploadJanitor, UploadLimits, UploadService
-from server.embedded.processes import embedded_mongodb
+from server.deploy.cluster import RayModelCluster
+from server.deploy.specs import CacheConfig, StoreConfig
+from server.embedded.processes import embedded_mongodb, ensure_ray_head
+from server.persistence.deployments import DeploymentRepository
 from server.persistence.mongo import ModelRepository, TenancyRepository, database
 from server.settings import Settings
 
@@ -48,6 +52,8 @@ class ModelServiceApp:
         # Built in start(); public so tools (admin, tests) reuse the same services.
         self.tenancy: TenancyService
         self.uploads: UploadService
+        self.deployments: DeploymentService
+        self.cluster: RayModelCluster
         self.janitor: UploadJanitor
         self.store: ArchiveStore
 
@@ -74,8 +80,10 @@ class ModelServiceApp:
         db = database(mongo, settings.mongodb_database)
         models = ModelRepository(db)
         tenancy_repository = TenancyRepository(db)
+        deployment_repository = DeploymentRepository(db)
         await models.ensure_indexes()
         await tenancy_repository.ensure_indexes()
+        await deployment_repository.ensure_indexes()
 
         self.store = await self._open_store()
         self.tenancy = TenancyService(tenancy_repository)
@@ -97,7 +105,42 @@ class ModelServiceApp:
         janitor_task = asyncio.create_task(self.janitor.run_forever(settings.janitor_interval_seconds))
         self._stack.push_async_callback(_cancel, janitor_task)
 
-        await self._start_grpc(ModelServiceServicer(self.uploads))
+        self.cluster = await self._start_cluster()
+        self.deployments = DeploymentService(
+            self.tenancy,
+            models,
+            deployment_repository,
+            self.cluster,
+            WatchTiming(poll_seconds=settings.watch_poll_seconds, heartbeat_seconds=settings.watch_heartbeat_seconds),
+        )
+
+        await self._start_grpc(ModelServiceServicer(self.uploads, self.deployments))
+
+    async def _start_cluster(self) -> RayModelCluster:
+        settings = self.settings
+        address = settings.ray_address or await asyncio.to_thread(
+            ensure_ray_head,
+            settings.data_dir / "ray",
+            object_store_bytes=settings.ray_object_store_bytes,
+            num_cpus=settings.ray_num_cpus,
+        )
+        scratch = (settings.data_dir / "scratch").resolve()
+        scratch.mkdir(parents=True, exist_ok=True)
+        cluster = RayModelCluster(
+            address,
+            CacheConfig(
+                mongodb_uri=self.mongodb_uri,
+                database=settings.mongodb_database,
+                store=StoreConfig.from_settings(settings),
+                ray_cluster_url=settings.ray_cluster_url or f"ray://{address}",
+                max_unpacked_bytes=settings.max_unpacked_bytes,
+                max_members=settings.max_archive_members,
+                scratch_dir=str(scratch),
+            ),
+        )
+        await cluster.start()
+        self._stack.push_async_callback(cluster.close)
+        return cluster
 
     async def _open_store(self) -> ArchiveStore:
         settings = self.settings

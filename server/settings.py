@@ -39,6 +39,20 @@ class Settings:
     s3_prefix: str = "archives/"
     """Key prefix of archives in the bucket."""
 
+    ray_address: str = ""
+    """Ray cluster (`host:port` of the head, or `auto`). Empty: start a local head in `data_dir`."""
+    ray_object_store_bytes: int = 2 * GIB
+    """Object store size of the embedded local Ray head."""
+    ray_num_cpus: int = 0
+    """Logical CPUs of the embedded local Ray head (0: the machine's count)."""
+    ray_cluster_url: str = ""
+    """Cluster address shown in deployment_info; default: `ray://<ray_address>`."""
+
+    watch_poll_seconds: float = 0.2
+    """How often watchers and waiters look for new deployment events in MongoDB."""
+    watch_heartbeat_seconds: float = 15.0
+    """An idle watch stream gets a heartbeat event this often."""
+
     data_dir: Path = Path(".modelservice")
     """Where embedded servers and the local archive store keep their files."""
 

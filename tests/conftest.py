@@ -15,8 +15,8 @@ from moto.server import ThreadedMotoServer
 from modelservice_sdk.client import ModelServiceClient
 from server.app import ModelServiceApp
 from server.core.models import Tier
-from server.embedded.processes import embedded_mongodb
-from server.settings import MIB, Settings
+from server.embedded.processes import embedded_mongodb, ray_head
+from server.settings import GIB, MIB, Settings
 
 # Small parts so that a test archive of tens of MiB spans many parts.
 TEST_PART_BYTES = 5 * MIB
@@ -58,7 +58,21 @@ def s3_endpoint() -> Iterator[str]:
 
 
 @pytest.fixture(scope="session")
-def service_settings(mongodb_uri: str, s3_endpoint: str, session_dir: Path) -> Settings:
+def ray_address(s3_endpoint: str, session_dir: Path) -> Iterator[str]:
+    """A Ray head of its own (MODELSERVICE_TEST_RAY_ADDRESS selects an existing cluster).
+
+    Started after the S3 fixture so that its workers inherit the S3 credentials.
+    """
+    given = os.environ.get("MODELSERVICE_TEST_RAY_ADDRESS")
+    if given:
+        yield given
+        return
+    with ray_head(session_dir / "ray", object_store_bytes=1 * GIB, num_cpus=4, env=dict(os.environ)) as address:
+        yield address
+
+
+@pytest.fixture(scope="session")
+def service_settings(mongodb_uri: str, s3_endpoint: str, ray_address: str, session_dir: Path) -> Settings:
     run = uuid.uuid4().hex[:8]
     return Settings(
         grpc_port=0,
@@ -66,6 +80,9 @@ def service_settings(mongodb_uri: str, s3_endpoint: str, session_dir: Path) -> S
         mongodb_database=f"modelservice_test_{run}",
         s3_bucket=f"modelservice-test-{run}",
         s3_endpoint_url=s3_endpoint,
+        ray_address=ray_address,
+        watch_poll_seconds=0.05,
+        watch_heartbeat_seconds=1.0,
         data_dir=session_dir / "service",
         multipart_part_bytes=TEST_PART_BYTES,
         multipart_parts_in_flight=TEST_PARTS_IN_FLIGHT,

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from server.archives.inspector import ArchiveInspector, ArchiveReport, Compression, InspectionLimits
+from server.archives.compression import Compression
+from server.archives.inspector import ArchiveInspector, ArchiveReport, InspectionLimits
 from server.core.models import ModelFormat
 from server.errors import InvalidArchive
 from tests.support import model_files

@@ -9,9 +9,11 @@ from typing import Any
 from google.protobuf import json_format, struct_pb2, timestamp_pb2
 from modelservice.v1 import model_service_pb2 as pb
 
+from server.core.deployments import DeployOutcome
 from server.core.models import DeploymentStatus, StoredModel
 from server.core.uploads import UploadResult
 from server.core.validation import UploadDeclaration
+from server.persistence.deployments import TASK_TYPE, DeploymentEvent, DeployTask
 
 
 def bearer_token(metadata: Iterable[tuple[str, str | bytes]] | None) -> str | None:
@@ -99,8 +101,6 @@ def model_document(model: StoredModel) -> pb.CustomModelDocument:
 
 def timestamp(moment: datetime.datetime) -> timestamp_pb2.Timestamp:
     stamp = timestamp_pb2.Timestamp()
-    if moment.tzinfo is None:  # MongoDB hands back naive UTC unless asked otherwise
-        moment = moment.replace(tzinfo=datetime.UTC)
     stamp.FromDatetime(moment)
     return stamp
 
@@ -111,3 +111,47 @@ def _dict_or_none(message: Any, field: str) -> dict[str, Any] | None:
     value: struct_pb2.Struct = getattr(message, field)
     converted: dict[str, Any] = json_format.MessageToDict(value)
     return converted
+
+
+def deploy_response(outcome: DeployOutcome) -> pb.DeployModelResponse:
+    return pb.DeployModelResponse(
+        success=outcome.success,
+        model_id=outcome.model_id,
+        namespace_id=outcome.namespace_id,
+        deployment_status=outcome.status.value,
+        cached=outcome.cached,
+        message=outcome.message,
+        task_id=outcome.task_id,
+    )
+
+
+def deploy_task(task: DeployTask) -> pb.DeployTask:
+    return pb.DeployTask(
+        task_id=task.task_id,
+        model_id=task.model_id,
+        namespace_id=task.namespace_id,
+        task_type=TASK_TYPE,
+        state=task.state,
+        stage=task.stage,
+        worker_node=task.worker_node,
+        create_time=timestamp(task.create_time),
+        last_update_time=timestamp(task.last_update_time),
+        error=task.error,
+        is_async=task.is_async,
+    )
+
+
+def deployment_event(event: DeploymentEvent) -> pb.DeploymentEvent:
+    return pb.DeploymentEvent(
+        sequence=event.sequence,
+        task_id=event.task_id,
+        model_id=event.model_id,
+        state=event.state,
+        bytes_done=float(event.bytes_done),
+        bytes_total=float(event.bytes_total),
+        failed_stage=event.failed_stage,
+        error_reason=event.error_reason,
+        message=event.message,
+        time=timestamp(event.time),
+        terminal=event.terminal,
+    )

@@ -11,14 +11,16 @@ from modelservice.v1 import model_service_pb2_grpc as pb_grpc
 
 from server.api import converters
 from server.api.upload_stream import split_upload_stream
+from server.core.deployments import DeploymentService
 from server.core.uploads import UploadService
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
 
 class ModelServiceServicer(pb_grpc.ModelServiceServicer):
-    def __init__(self, uploads: UploadService) -> None:
+    def __init__(self, uploads: UploadService, deployments: DeploymentService) -> None:
         self._uploads = uploads
+        self._deployments = deployments
 
     async def UploadModel(
         self, request_iterator: AsyncIterator[pb.UploadModelRequest], context: Context
@@ -32,3 +34,29 @@ class ModelServiceServicer(pb_grpc.ModelServiceServicer):
         token = converters.bearer_token(context.invocation_metadata())
         model = await self._uploads.get(token, request.namespace_id, request.model_id)
         return pb.GetModelResponse(success=True, model=converters.model_document(model))
+
+    async def DeployModel(self, request: pb.DeployModelRequest, context: Context) -> pb.DeployModelResponse:
+        token = converters.bearer_token(context.invocation_metadata())
+        wait = request.wait if request.HasField("wait") else True
+        outcome = await self._deployments.deploy(token, request.namespace_id, request.model_id, wait)
+        return converters.deploy_response(outcome)
+
+    async def WatchDeployment(
+        self, request: pb.WatchDeploymentRequest, context: Context
+    ) -> AsyncIterator[pb.DeploymentEvent]:
+        token = converters.bearer_token(context.invocation_metadata())
+        events = self._deployments.watch(
+            token, request.namespace_id, request.model_id, request.after_sequence, request.task_id
+        )
+        async for event in events:
+            yield converters.deployment_event(event)
+
+    async def GetDeployTask(self, request: pb.GetDeployTaskRequest, context: Context) -> pb.DeployTask:
+        token = converters.bearer_token(context.invocation_metadata())
+        task = await self._deployments.get_task(token, request.namespace_id, request.task_id)
+        return converters.deploy_task(task)
+
+    async def GetModelDeployStatus(self, request: pb.GetModelDeployStatusRequest, context: Context) -> pb.DeployTask:
+        token = converters.bearer_token(context.invocation_metadata())
+        task = await self._deployments.latest_task(token, request.namespace_id, request.model_id)
+        return converters.deploy_task(task)

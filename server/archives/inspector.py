@@ -9,27 +9,21 @@ bytes of an ONNX or PyTorch file). Memory stays small whatever the archive's siz
 
 from __future__ import annotations
 
-import enum
-import zlib
 from dataclasses import dataclass, field
-from typing import Any, Protocol
 
-import zstandard
-
+from server.archives.compression import (
+    SNIFF_BYTES,
+    Compression,
+    Inflater,
+    detect_compression,
+    make_inflater,
+)
 from server.archives.formats import FormatEvidence, check_format
 from server.archives.tar_stream import MemberHandler, TarMember, TarStreamReader
 from server.core.models import ModelFormat
 from server.errors import InvalidArchive
 
-_INFLATE_STEP = 4 * 1024 * 1024
 _RATIO_GRACE_BYTES = 64 * 1024 * 1024
-_SNIFF_BYTES = 262  # the ustar magic sits at offset 257
-
-
-class Compression(enum.StrEnum):
-    GZIP = "gzip"
-    ZSTD = "zstd"
-    NONE = "none"
 
 
 @dataclass(frozen=True)
@@ -50,12 +44,6 @@ class ArchiveReport:
     weight_files: list[str] = field(default_factory=list)
 
 
-class _Inflater(Protocol):
-    def feed(self, data: bytes) -> None: ...
-
-    def finish(self) -> None: ...
-
-
 class ArchiveInspector:
     """Push-style inspector: `feed` every chunk in order, then `finish` for the verdict."""
 
@@ -70,7 +58,7 @@ class ArchiveInspector:
             on_unpacked_bytes=self._count_unpacked,
         )
         self._sniffed = bytearray()
-        self._inflater: _Inflater | None = None
+        self._inflater: Inflater | None = None
         self._compression: Compression | None = None
         self._packed_bytes = 0
         self._unpacked_bytes = 0
@@ -79,7 +67,7 @@ class ArchiveInspector:
         self._packed_bytes += len(chunk)
         if self._inflater is None:
             self._sniffed += chunk
-            if len(self._sniffed) < _SNIFF_BYTES:
+            if len(self._sniffed) < SNIFF_BYTES:
                 return
             head, self._sniffed = bytes(self._sniffed), bytearray()
             self._start(head)
@@ -109,20 +97,8 @@ class ArchiveInspector:
         )
 
     def _start(self, head: bytes) -> None:
-        if head.startswith(b"\x1f\x8b"):
-            self._compression = Compression.GZIP
-            self._inflater = _GzipInflater(self._tar.feed)
-        elif head.startswith(b"\x28\xb5\x2f\xfd"):
-            self._compression = Compression.ZSTD
-            self._inflater = _ZstdInflater(self._tar.feed)
-        elif head[257:262] == b"ustar" or len(head) >= 512:
-            # Old v7 tars have no magic; the header checksum decides.
-            self._compression = Compression.NONE
-            self._inflater = _Passthrough(self._tar.feed)
-        else:
-            raise InvalidArchive(
-                "the upload is not a .tar.gz, .tar.zst or .tar archive", check="compression"
-            )
+        self._compression = detect_compression(head)
+        self._inflater = make_inflater(self._compression, self._tar.feed)
 
     def _count_unpacked(self, count: int) -> None:
         self._unpacked_bytes += count
@@ -140,81 +116,6 @@ class ArchiveInspector:
                 f"{self._limits.max_compression_ratio:g}x (a decompression bomb?)",
                 check="compression_ratio", limit=self._limits.max_compression_ratio,
             )
-
-
-class _Passthrough:
-    def __init__(self, sink: _Sink) -> None:
-        self._sink = sink
-
-    def feed(self, data: bytes) -> None:
-        self._sink(data)
-
-    def finish(self) -> None:
-        return
-
-
-class _Sink(Protocol):
-    def __call__(self, data: bytes | memoryview, /) -> None: ...
-
-
-class _GzipInflater:
-    """Inflates gzip (also multi-member) with at most 4 MiB of output per step."""
-
-    def __init__(self, sink: _Sink) -> None:
-        self._sink = sink
-        self._inflater = zlib.decompressobj(wbits=31)
-
-    def feed(self, data: bytes) -> None:
-        pending = data
-        while pending:
-            try:
-                out = self._inflater.decompress(pending, _INFLATE_STEP)
-            except zlib.error as error:
-                raise InvalidArchive(f"the gzip stream is corrupt: {error}", check="gzip") from None
-            if out:
-                self._sink(out)
-            if self._inflater.eof:
-                pending = self._inflater.unused_data
-                if pending:
-                    self._inflater = zlib.decompressobj(wbits=31)
-            else:
-                pending = self._inflater.unconsumed_tail
-
-    def finish(self) -> None:
-        if not self._inflater.eof:
-            raise InvalidArchive("the gzip stream is truncated", check="gzip")
-
-
-class _ZstdInflater:
-    """Inflates zstd through a stream writer whose output arrives in bounded slices."""
-
-    def __init__(self, sink: _Sink) -> None:
-        self._writer: Any = zstandard.ZstdDecompressor().stream_writer(
-            _CallbackFile(sink),  # type: ignore[arg-type]  # any object with write() will do
-            write_size=_INFLATE_STEP,
-            write_return_read=True,
-        )
-
-    def feed(self, data: bytes) -> None:
-        try:
-            self._writer.write(data)
-        except zstandard.ZstdError as error:
-            raise InvalidArchive(f"the zstd stream is corrupt: {error}", check="zstd") from None
-
-    def finish(self) -> None:
-        try:
-            self._writer.flush()
-        except zstandard.ZstdError as error:
-            raise InvalidArchive(f"the zstd stream is corrupt: {error}", check="zstd") from None
-
-
-class _CallbackFile:
-    def __init__(self, sink: _Sink) -> None:
-        self._sink = sink
-
-    def write(self, data: bytes) -> int:
-        self._sink(data)
-        return len(data)
 
 
 class _EvidenceCollector(MemberHandler):

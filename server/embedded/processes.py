@@ -125,3 +125,62 @@ async def embedded_mongodb(data_dir: Path) -> AsyncIterator[str]:
             yield uri
         finally:
             uri_file.unlink(missing_ok=True)
+
+
+def ray_head_command(port: int, *, object_store_bytes: int, num_cpus: int) -> list[str]:
+    """`ray start --head` on loopback, every port chosen free so several heads can coexist."""
+    command = [
+        executable("ray"), "start", "--head", "--block",
+        "--node-ip-address", LOOPBACK,
+        f"--port={port}",
+        f"--object-store-memory={object_store_bytes}",
+        "--include-dashboard=false",
+        "--disable-usage-stats",
+    ]
+    for option in (
+        "--ray-client-server-port", "--dashboard-agent-listen-port", "--dashboard-agent-grpc-port",
+        "--runtime-env-agent-port", "--metrics-export-port", "--node-manager-port", "--object-manager-port",
+    ):
+        command.append(f"{option}={free_port()}")
+    if num_cpus:
+        command.append(f"--num-cpus={num_cpus}")
+    return command
+
+
+@contextlib.contextmanager
+def ray_head(
+    log_dir: Path, *, object_store_bytes: int, num_cpus: int = 0, env: dict[str, str] | None = None
+) -> Iterator[str]:
+    """A local Ray head owned by the caller (tests): stopped when the context ends."""
+    port = free_port()
+    command = ray_head_command(port, object_store_bytes=object_store_bytes, num_cpus=num_cpus)
+    with running_process(command, port=port, log_path=log_dir / "ray-head.log", env=env, startup_timeout=90):
+        yield f"{LOOPBACK}:{port}"
+
+
+def ensure_ray_head(data_dir: Path, *, object_store_bytes: int, num_cpus: int = 0) -> str:
+    """The embedded default's Ray head: reused if running, else started and left running.
+
+    The head is deliberately NOT a child the service stops: the cached weights live in it,
+    and they must survive a restart of the service. `ray stop` ends it.
+    """
+    data_dir.mkdir(parents=True, exist_ok=True)
+    address_file = data_dir / "address"
+    if address_file.exists():
+        address = address_file.read_text().strip()
+        host, _, port_text = address.rpartition(":")
+        with contextlib.suppress(OSError, ValueError), socket.create_connection((host, int(port_text)), timeout=1):
+            logger.info("reusing the local Ray head at %s", address)
+            return address
+    port = free_port()
+    command = ray_head_command(port, object_store_bytes=object_store_bytes, num_cpus=num_cpus)
+    log_path = data_dir / "ray-head.log"
+    with log_path.open("ab") as log:
+        process = subprocess.Popen(
+            command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
+        )
+    _wait_for_port(process, LOOPBACK, port, 90, log_path)
+    address = f"{LOOPBACK}:{port}"
+    address_file.write_text(address + "\n")
+    logger.info("started a local Ray head at %s (it outlives the service; `ray stop` ends it)", address)
+    return address

@@ -488,22 +488,28 @@ class WatchDeploymentRequest(_message.Message):
     NAMESPACE_ID_FIELD_NUMBER: _builtins.int
     MODEL_ID_FIELD_NUMBER: _builtins.int
     AFTER_SEQUENCE_FIELD_NUMBER: _builtins.int
+    TASK_ID_FIELD_NUMBER: _builtins.int
     namespace_id: _builtins.str
     """Namespace that owns the model."""
     model_id: _builtins.str
     """Model whose latest deployment to follow."""
     after_sequence: _builtins.int
-    """Resume after this sequence number (0: from the current state)."""
+    """Resume after this sequence number (0: start with the current state)."""
+    task_id: _builtins.str
+    """Deployment to follow (a task id); default: the model's latest deployment. Give it
+    when resuming, so that a newer deployment's numbering is not mistaken for this one's.
+    """
     def __init__(
         self,
         *,
         namespace_id: _builtins.str = ...,
         model_id: _builtins.str = ...,
         after_sequence: _builtins.int = ...,
+        task_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["after_sequence", b"after_sequence", "model_id", b"model_id", "namespace_id", b"namespace_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["after_sequence", b"after_sequence", "model_id", b"model_id", "namespace_id", b"namespace_id", "task_id", b"task_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,0 +1,54 @@
+"""`load_namespace_model(model_id)`: a deployed model's weights inside any Ray process.
+
+    from modelservice_sdk.loader import load_namespace_model
+
+    model = load_namespace_model("3f2c...")        # NamespaceModel
+    model.tensors["encoder.weight"]               # read-only numpy view, zero-copy
+    model.torch_state_dict()                      # torch tensors sharing that memory
+    model.onnx_session() / model.torchscript_module()
+
+Works in any Ray task, actor or driver connected to the cluster the service deploys to.
+A model that is not cached yet is loaded on demand (one load however many callers ask)
+and then returned. The time of a call does not grow with the model's size: the arrays
+are views on the shared object store, never copies.
+"""
+
+from __future__ import annotations
+
+import os
+
+from modelservice_sdk.model import ModelNotAvailable, NamespaceModel
+
+CACHE_NAMESPACE = "modelservice"
+DEFAULT_DATABASE = "modelservice"
+
+__all__ = ["ModelNotAvailable", "NamespaceModel", "load_namespace_model"]
+
+
+def load_namespace_model(
+    model_id: str,
+    *,
+    namespace_id: str | None = None,
+    database: str | None = None,
+) -> NamespaceModel:
+    """The model's weights from the Ray object store, loading them first if needed.
+
+    `namespace_id`, when given, must own the model (a plugin acting for one tenant cannot
+    reach another's model). `database` selects the service deployment whose cache to use
+    (default: `MODELSERVICE_MONGODB_DATABASE` or "modelservice").
+    Raises ModelNotAvailable for an unknown model, a foreign one, or a failed load.
+    """
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address="auto", namespace=CACHE_NAMESPACE, log_to_driver=False)
+    name = f"model-cache-{database or os.environ.get('MODELSERVICE_MONGODB_DATABASE') or DEFAULT_DATABASE}"
+    try:
+        cache = ray.get_actor(name, namespace=CACHE_NAMESPACE)
+    except ValueError:
+        raise ModelNotAvailable(f"no modelservice model cache ({name!r}) runs on this Ray cluster") from None
+    refs = ray.get(cache.lookup.remote(model_id, namespace_id))
+    if refs is None:
+        refs = ray.get(cache.ensure.remote(model_id, namespace_id))
+    model: NamespaceModel = ray.get(refs[0])
+    return model

@@ -1,0 +1,173 @@
+"""Deployments as the API sees them: deploy (wait or not), tasks, and watching.
+
+The load itself runs on Ray, driven by the model cache actor; this service authorizes,
+asks the cluster to deploy, and follows the deployment through MongoDB, so any replica
+answers for a deployment started by any other.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Protocol
+
+from server.core.models import DeploymentStatus, StoredModel, utc_now
+from server.core.tenancy import TenancyService
+from server.deploy.specs import DeployTicket
+from server.errors import DeployTaskNotFound, ModelNotFound
+from server.persistence.deployments import COMPLETED, DeploymentEvent, DeploymentRepository, DeployTask
+from server.persistence.mongo import ModelRepository
+
+HEARTBEAT = "heartbeat"
+
+
+class ModelCluster(Protocol):
+    """What the service needs from the compute cluster."""
+
+    async def deploy(self, model_id: str, is_async: bool) -> DeployTicket: ...
+
+
+@dataclass(frozen=True)
+class DeployOutcome:
+    model_id: str
+    namespace_id: str
+    status: DeploymentStatus
+    cached: bool
+    message: str
+    task_id: str
+
+    @property
+    def success(self) -> bool:
+        return self.status is not DeploymentStatus.FAILED
+
+
+@dataclass(frozen=True)
+class WatchTiming:
+    poll_seconds: float
+    heartbeat_seconds: float
+
+
+class DeploymentService:
+    def __init__(
+        self,
+        tenancy: TenancyService,
+        models: ModelRepository,
+        deployments: DeploymentRepository,
+        cluster: ModelCluster,
+        timing: WatchTiming,
+    ) -> None:
+        self._tenancy = tenancy
+        self._models = models
+        self._deployments = deployments
+        self._cluster = cluster
+        self._timing = timing
+
+    async def deploy(self, bearer_token: str | None, namespace_id: str, model_id: str, wait: bool) -> DeployOutcome:
+        model = await self._authorized_model(bearer_token, namespace_id, model_id)
+        ticket = await self._cluster.deploy(model.model_id, is_async=not wait)
+        if ticket.cached:
+            return DeployOutcome(
+                model_id, namespace_id, DeploymentStatus.DEPLOYED, True,
+                "the model is already in the Ray object store", ticket.task_id,
+            )
+        if not wait:
+            return DeployOutcome(
+                model_id, namespace_id, DeploymentStatus.PENDING, False,
+                f"deployment {ticket.task_id} is under way; follow it with WatchDeployment or GetDeployTask",
+                ticket.task_id,
+            )
+        task = await self._wait_until_finished(ticket.task_id)
+        if task.state == COMPLETED:
+            return DeployOutcome(
+                model_id, namespace_id, DeploymentStatus.DEPLOYED, False,
+                "the weights are loaded into the Ray object store", task.task_id,
+            )
+        return DeployOutcome(
+            model_id, namespace_id, DeploymentStatus.FAILED, False,
+            f"deployment failed at {task.error}", task.task_id,
+        )
+
+    async def get_task(self, bearer_token: str | None, namespace_id: str, task_id: str) -> DeployTask:
+        await self._tenancy.authorize(bearer_token, namespace_id)
+        task = await self._deployments.get(task_id)
+        if task is None or task.namespace_id != namespace_id:
+            raise DeployTaskNotFound(
+                f"deploy task {task_id!r} not found in namespace {namespace_id!r}",
+                id=task_id, resource="deploy_task", namespace_id=namespace_id,
+            )
+        return task
+
+    async def latest_task(self, bearer_token: str | None, namespace_id: str, model_id: str) -> DeployTask:
+        await self._authorized_model(bearer_token, namespace_id, model_id)
+        task = await self._deployments.latest_for_model(model_id)
+        if task is None:
+            raise DeployTaskNotFound(
+                f"model {model_id!r} was never deployed", model_id=model_id, resource="deploy_task"
+            )
+        return task
+
+    async def watch(
+        self, bearer_token: str | None, namespace_id: str, model_id: str, after_sequence: int, task_id: str = ""
+    ) -> AsyncIterator[DeploymentEvent]:
+        """The current state (or what followed `after_sequence`), then each change, then ends.
+
+        Heartbeats (state "heartbeat", the last sequence number) keep idle streams alive.
+        """
+        if task_id:
+            task = await self.get_task(bearer_token, namespace_id, task_id)
+            if task.model_id != model_id:
+                raise DeployTaskNotFound(f"deploy task {task_id!r} is not a deployment of model {model_id!r}", id=task_id)
+        else:
+            task = await self.latest_task(bearer_token, namespace_id, model_id)
+        cursor = after_sequence
+        if after_sequence <= 0:
+            current = await self._deployments.last_event(task.task_id)
+            if current is not None:
+                yield current
+                if current.terminal:
+                    return
+                cursor = current.sequence
+        quiet_since = time.monotonic()
+        while True:
+            events = await self._deployments.events_after(task.task_id, cursor)
+            for event in events:
+                yield event
+                cursor = event.sequence
+                if event.terminal:
+                    return
+            if events:
+                quiet_since = time.monotonic()
+            else:
+                latest = await self._deployments.get(task.task_id)
+                if latest is not None and latest.finished and latest.last_sequence <= cursor:
+                    return  # resumed after the end: nothing left to send
+                if time.monotonic() - quiet_since >= self._timing.heartbeat_seconds:
+                    yield _heartbeat(task, cursor)
+                    quiet_since = time.monotonic()
+            await asyncio.sleep(self._timing.poll_seconds)
+
+    async def _authorized_model(self, bearer_token: str | None, namespace_id: str, model_id: str) -> StoredModel:
+        await self._tenancy.authorize(bearer_token, namespace_id)
+        model = await self._models.get(namespace_id, model_id)
+        if model is None:
+            raise ModelNotFound(
+                f"model {model_id!r} not found in namespace {namespace_id!r}",
+                id=model_id, resource="model", namespace_id=namespace_id,
+            )
+        return model
+
+    async def _wait_until_finished(self, task_id: str) -> DeployTask:
+        while True:
+            task = await self._deployments.get(task_id)
+            if task is not None and task.finished:
+                return task
+            await asyncio.sleep(self._timing.poll_seconds)
+
+
+def _heartbeat(task: DeployTask, sequence: int) -> DeploymentEvent:
+    return DeploymentEvent(
+        task_id=task.task_id, model_id=task.model_id, namespace_id=task.namespace_id,
+        sequence=sequence, state=HEARTBEAT, time=utc_now(),
+    )

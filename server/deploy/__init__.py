@@ -1,0 +1,8 @@
+"""Deployment into the Ray object store.
+
+- `cache_actor`: the detached `ModelCache` actor that owns cached weights and drives loads
+  (so both survive restarts of every service replica);
+- `load_task`: the Ray task that streams, verifies, decodes and returns a model's weights;
+- `extraction` / `decoding`: the steps of that task;
+- `cluster`: the service's handle on Ray.
+"""

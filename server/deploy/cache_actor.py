@@ -1,0 +1,313 @@
+"""The model cache: a detached Ray actor that owns cached weights and drives their loads.
+
+Why an actor: an object in Ray's store dies with the process that owns it. The load task
+is submitted BY this actor, so the actor owns the weights it returns; being detached, it
+outlives every service replica (and their restarts). It is also the one place where a
+model's load is single-flight for the whole cluster: concurrent deploy requests and
+on-demand loads from plugins join the load under way.
+
+Every state change is written to MongoDB (deploy task + numbered event), which is how
+service replicas, watchers and waiters follow a deployment.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from pymongo import AsyncMongoClient
+
+from modelservice_sdk.model import ModelNotAvailable
+from server.core.models import BASE_IMAGES, DeploymentInfo, StoredModel, utc_now
+from server.deploy.load_task import remote_load
+from server.deploy.specs import CacheConfig, DeployTicket, LoadSpec, LoadSummary
+from server.persistence.deployments import DeploymentEvent, DeploymentRepository
+from server.persistence.mongo import ModelRepository, database
+
+logger = logging.getLogger(__name__)
+
+CACHE_NAMESPACE = "modelservice"
+"""Ray namespace of the cache actor (detached actors are found by namespace and name)."""
+
+
+def cache_actor_name(database_name: str) -> str:
+    """One cache per metadata database: replicas of one deployment share it."""
+    return f"model-cache-{database_name}"
+
+
+def plugin_endpoint(model_id: str) -> str:
+    return f'load_namespace_model("{model_id}")'
+
+
+@dataclass
+class _Load:
+    task_id: str
+    model_id: str
+    namespace_id: str = ""
+    sequence: int = 0
+    stage: str = "queued"
+    worker_node: str = ""
+    error: str = ""
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+    runner: asyncio.Task[None] | None = None
+
+
+@dataclass(frozen=True)
+class _Entry:
+    ref: Any  # ray.ObjectRef of the NamespaceModel
+    namespace_id: str
+    task_id: str
+
+
+class ModelCache:
+    """Use through `ray.remote(ModelCache)`; see `server.deploy.cluster`."""
+
+    def __init__(self, config: CacheConfig) -> None:
+        self._config = config
+        self._entries: dict[str, _Entry] = {}
+        self._loading: dict[str, _Load] = {}
+        self._progress: dict[str, asyncio.Queue[dict[str, Any]]] = {}
+        self._loads_started = 0
+        self._mongo: AsyncMongoClient[dict[str, Any]] | None = None
+        self._models: ModelRepository | None = None
+        self._deployments: DeploymentRepository | None = None
+
+    # ----- called by the service and by plugins -------------------------------------
+
+    async def deploy(self, model_id: str, is_async: bool) -> DeployTicket:
+        """Starts the model's load, joins the one under way, or says it is cached."""
+        entry = self._entries.get(model_id)
+        if entry is not None:
+            return DeployTicket(task_id=entry.task_id, cached=True)
+        running = self._loading.get(model_id)
+        if running is not None:
+            return DeployTicket(task_id=running.task_id, cached=False)
+        # Registered before the first await, so that concurrent calls join this load.
+        load = _Load(task_id=uuid.uuid4().hex, model_id=model_id)
+        self._loading[model_id] = load
+        try:
+            models, deployments = await self._repositories()
+            model = await models.get_any_namespace(model_id)
+            if model is None:
+                raise ModelNotAvailable(f"model {model_id!r} does not exist")
+            load.namespace_id = model.metadata.namespace_id
+            await deployments.create(load.task_id, model_id, load.namespace_id, is_async, utc_now())
+            await self._record(load, "queued", message="waiting for Ray resources")
+        except BaseException as error:
+            load.error = str(error)
+            self._loading.pop(model_id, None)
+            load.done.set()
+            raise
+        load.runner = asyncio.create_task(self._run(load, model))
+        return DeployTicket(task_id=load.task_id, cached=False)
+
+    async def lookup(self, model_id: str, namespace_id: str | None = None) -> list[Any] | None:
+        """`[ref]` of a cached model (a list, so Ray does not resolve the ref), or None."""
+        entry = self._entries.get(model_id)
+        if entry is None or (namespace_id is not None and entry.namespace_id != namespace_id):
+            return None
+        return [entry.ref]
+
+    async def ensure(self, model_id: str, namespace_id: str | None = None) -> list[Any]:
+        """On-demand load for plugins: deploys if needed, waits, returns `[ref]`."""
+        if namespace_id is not None:
+            models, _ = await self._repositories()
+            if await models.get(namespace_id, model_id) is None:
+                raise ModelNotAvailable(f"model {model_id!r} not found in namespace {namespace_id!r}")
+        ticket = await self.deploy(model_id, is_async=True)
+        load = self._loading.get(model_id)
+        if not ticket.cached and load is not None:
+            await load.done.wait()
+        found = await self.lookup(model_id)
+        if found is None:
+            reason = load.error if load is not None else "unknown"
+            raise ModelNotAvailable(f"model {model_id!r} could not be loaded: {reason}")
+        return found
+
+    async def report(self, task_id: str, event: dict[str, Any]) -> None:
+        """Progress from a load task (awaited by the task, so events keep their order)."""
+        queue = self._progress.get(task_id)
+        if queue is not None:
+            queue.put_nowait(event)
+
+    async def evict(self, model_id: str) -> bool:
+        """Drops the cached weights (Ray frees them once no reader holds them)."""
+        entry = self._entries.pop(model_id, None)
+        if entry is None:
+            return False
+        models, _ = await self._repositories()
+        await models.set_deployment(model_id, deployed=False, info=None, now=utc_now())
+        return True
+
+    async def reconcile(self) -> dict[str, int]:
+        """Makes MongoDB agree with this cache: called whenever a service replica starts.
+
+        Deployments recorded as under way that this cache is not running were interrupted
+        (the cache or Ray restarted): they are marked failed, never left "deploying".
+        Models recorded as deployed whose weights this cache does not hold were lost: they
+        are marked not deployed, and load again on demand or on the next deploy.
+        """
+        models, deployments = await self._repositories()
+        running = {load.task_id for load in self._loading.values()}
+        interrupted = lost = 0
+        for task in await deployments.unfinished():
+            if task.task_id in running:
+                continue
+            await deployments.append(
+                DeploymentEvent(
+                    task_id=task.task_id, model_id=task.model_id, namespace_id=task.namespace_id,
+                    sequence=task.last_sequence + 1, state="failed", time=utc_now(),
+                    failed_stage=task.stage, error_reason="INTERRUPTED",
+                    message="the load was interrupted (the Ray cluster or its model cache restarted); deploy again",
+                )
+            )
+            interrupted += 1
+        for model_id in await models.deployed_model_ids():
+            if model_id not in self._entries:
+                await models.set_deployment(model_id, deployed=False, info=None, now=utc_now())
+                lost += 1
+        if interrupted or lost:
+            logger.warning("reconciled: %d interrupted deployments, %d lost models", interrupted, lost)
+        return {"interrupted": interrupted, "lost": lost}
+
+    async def stats(self) -> dict[str, int]:
+        return {
+            "loads_started": self._loads_started,
+            "cached_models": len(self._entries),
+            "loading_models": len(self._loading),
+        }
+
+    # ----- internals -------------------------------------------------------------------
+
+    async def _repositories(self) -> tuple[ModelRepository, DeploymentRepository]:
+        if self._models is None or self._deployments is None:
+            self._mongo = AsyncMongoClient(self._config.mongodb_uri, tz_aware=True)
+            db = database(self._mongo, self._config.database)
+            self._models = ModelRepository(db)
+            self._deployments = DeploymentRepository(db)
+            await self._deployments.ensure_indexes()
+        return self._models, self._deployments
+
+    async def _record(self, load: _Load, state: str, **fields: Any) -> None:
+        _, deployments = await self._repositories()
+        event = DeploymentEvent(
+            task_id=load.task_id, model_id=load.model_id, namespace_id=load.namespace_id,
+            sequence=load.sequence + 1, state=state, time=utc_now(),
+            bytes_done=int(fields.get("bytes_done", 0)), bytes_total=int(fields.get("bytes_total", 0)),
+            failed_stage=str(fields.get("failed_stage", "")), error_reason=str(fields.get("error_reason", "")),
+            message=str(fields.get("message", "")),
+        )
+        await deployments.append(event, worker_node=load.worker_node)
+        load.sequence = event.sequence
+        load.stage = state
+
+    async def _run(self, load: _Load, model: StoredModel) -> None:
+        queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        self._progress[load.task_id] = queue
+        try:
+            shortfall = await asyncio.to_thread(_resource_shortfall, model)
+            if shortfall:
+                await self._fail(load, "schedule", "INSUFFICIENT_RESOURCES", shortfall)
+                return
+            summary, weights_ref = await self._execute(load, model, queue)
+            if summary.ok:
+                await self._cache(load, model, weights_ref, summary)
+            else:
+                await self._fail(load, summary.failed_stage, summary.reason, summary.message)
+        except Exception as error:  # Ray errors (worker crash, OOM kill) and anything else
+            logger.exception("load %s of model %s failed", load.task_id, load.model_id)
+            await self._fail(load, _stage_name(load.stage), "LOAD_CRASHED", f"{type(error).__name__}: {error}"[:2000])
+        finally:
+            self._progress.pop(load.task_id, None)
+            self._loading.pop(load.model_id, None)
+            load.done.set()
+
+    async def _execute(
+        self, load: _Load, model: StoredModel, queue: asyncio.Queue[dict[str, Any]]
+    ) -> tuple[LoadSummary, Any]:
+        import ray
+
+        config = self._config
+        spec = LoadSpec(
+            task_id=load.task_id, model_id=model.model_id, model_format=model.metadata.model_format.value,
+            archive_key=model.archive_key, sha256=model.sha256, size_bytes=model.size_bytes,
+            store=config.store, max_unpacked_bytes=config.max_unpacked_bytes,
+            max_members=config.max_members, scratch_dir=config.scratch_dir,
+        )
+        resources = model.metadata.resources
+        task: Any = ray.remote(remote_load).options(
+            num_returns=2, max_retries=0,
+            num_cpus=resources.num_cpus, num_gpus=resources.num_gpus, memory=resources.memory_bytes,
+        )
+        weights_ref, summary_ref = task.remote(spec, ray.get_runtime_context().current_actor)
+        self._loads_started += 1
+        finished = asyncio.ensure_future(asyncio.wrap_future(summary_ref.future()))
+        while True:
+            next_event = asyncio.ensure_future(queue.get())
+            done, _ = await asyncio.wait({next_event, finished}, return_when=asyncio.FIRST_COMPLETED)
+            if next_event in done:
+                await self._record(load, **next_event.result())
+                continue
+            next_event.cancel()
+            break
+        while not queue.empty():
+            await self._record(load, **queue.get_nowait())
+        summary: LoadSummary = finished.result()
+        load.worker_node = summary.node_id
+        return summary, weights_ref
+
+    async def _cache(self, load: _Load, model: StoredModel, weights_ref: Any, summary: LoadSummary) -> None:
+        models, _ = await self._repositories()
+        self._entries[load.model_id] = _Entry(ref=weights_ref, namespace_id=load.namespace_id, task_id=load.task_id)
+        now = utc_now()
+        await models.set_deployment(
+            load.model_id,
+            deployed=True,
+            info=DeploymentInfo(
+                ray_cluster_url=self._config.ray_cluster_url,
+                ray_deployment_name=cache_actor_name(self._config.database),
+                endpoint=plugin_endpoint(load.model_id),
+                base_image=BASE_IMAGES[model.metadata.model_format],
+                deployed_at=now,
+            ),
+            now=now,
+        )
+        await self._record(
+            load, "deployed",
+            message=f"{summary.nbytes} bytes in the object store after {summary.seconds:.2f}s",
+        )
+
+    async def _fail(self, load: _Load, stage: str, reason: str, message: str) -> None:
+        load.error = f"{stage}: {reason}: {message}"
+        models, _ = await self._repositories()
+        if load.model_id not in self._entries:
+            await models.set_deployment(load.model_id, deployed=False, info=None, now=utc_now())
+        await self._record(load, "failed", failed_stage=stage, error_reason=reason, message=message)
+
+
+_STAGE_OF_STATE = {"queued": "schedule", "downloading": "download", "verifying": "verify", "decoding": "decode", "caching": "cache"}
+
+
+def _stage_name(state: str) -> str:
+    return _STAGE_OF_STATE.get(state, state)
+
+
+def _resource_shortfall(model: StoredModel) -> str:
+    """Why the cluster can never run this load, or "" (an infeasible task would wait forever)."""
+    import ray
+
+    total: dict[str, float] = ray.cluster_resources()  # type: ignore[no-untyped-call]
+    wanted = model.metadata.resources
+    gaps = []
+    if wanted.num_cpus > total.get("CPU", 0):
+        gaps.append(f"{wanted.num_cpus} CPUs (cluster has {total.get('CPU', 0):g})")
+    if wanted.num_gpus > total.get("GPU", 0):
+        gaps.append(f"{wanted.num_gpus} GPUs (cluster has {total.get('GPU', 0):g})")
+    if wanted.memory_bytes > total.get("memory", 0):
+        gaps.append(f"{wanted.memory_bytes} bytes of memory (cluster has {total.get('memory', 0):.0f})")
+    return "" if not gaps else "the model asks for " + ", ".join(gaps)
+
+

@@ -1,0 +1,91 @@
+"""The service's handle on the Ray cluster: connect, find or create the model cache."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from server.deploy.cache_actor import CACHE_NAMESPACE, ModelCache, cache_actor_name
+from server.deploy.specs import CacheConfig, DeployTicket
+
+logger = logging.getLogger(__name__)
+
+
+class RayModelCluster:
+    """Talks to the detached model cache actor; recreates it if the cluster lost it."""
+
+    def __init__(self, address: str, config: CacheConfig) -> None:
+        self._address = address
+        self._config = config
+        self._actor: Any = None
+        self._owns_connection = False
+
+    @property
+    def actor_name(self) -> str:
+        return cache_actor_name(self._config.database)
+
+    async def start(self) -> None:
+        await asyncio.to_thread(self._connect)
+        counts = await self._call(lambda actor: actor.reconcile.remote())
+        logger.info("model cache %s reconciled: %s", self.actor_name, counts)
+
+    async def deploy(self, model_id: str, is_async: bool) -> DeployTicket:
+        ticket: DeployTicket = await self._call(lambda actor: actor.deploy.remote(model_id, is_async))
+        return ticket
+
+    async def stats(self) -> dict[str, int]:
+        stats: dict[str, int] = await self._call(lambda actor: actor.stats.remote())
+        return stats
+
+    async def close(self) -> None:
+        if self._owns_connection:
+            import ray
+
+            await asyncio.to_thread(ray.shutdown)
+            self._owns_connection = False
+
+    def _connect(self) -> None:
+        import ray
+
+        if not ray.is_initialized():
+            ray.init(
+                address=self._address,
+                namespace=CACHE_NAMESPACE,
+                log_to_driver=False,
+                logging_level=logging.WARNING,
+                configure_logging=False,
+            )
+            self._owns_connection = True
+        self._actor = self._get_or_create_actor()
+
+    def _get_or_create_actor(self) -> Any:
+        import ray
+
+        return (
+            ray.remote(ModelCache)
+            .options(
+                name=self.actor_name,
+                namespace=CACHE_NAMESPACE,
+                lifetime="detached",
+                get_if_exists=True,
+                num_cpus=0,
+                max_concurrency=1000,
+                max_restarts=0,
+            )
+            .remote(self._config)
+        )
+
+    async def _call(self, method: Callable[[Any], Awaitable[Any]]) -> Any:
+        import ray
+
+        try:
+            return await method(self._actor)
+        except ray.exceptions.RayActorError:
+            # The cache died (Ray restarted, node lost): its weights are gone. A new cache
+            # starts empty and reconciles MongoDB before serving again.
+            logger.warning("model cache %s is gone; starting a new one", self.actor_name)
+            self._actor = await asyncio.to_thread(self._get_or_create_actor)
+            await self._actor.reconcile.remote()
+            return await method(self._actor)

@@ -1,0 +1,107 @@
+"""The load of one model, run as a Ray task with the model's resource requirements.
+
+Stages, each reported to the model cache as it starts: downloading (with bytes done and
+total) → verifying (sha256 against the digest recorded at upload; nothing is parsed
+before it matches) → decoding (by format, into numpy) → caching (the task returns the
+weights, which Ray stores once in the object store, owned by the cache actor).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from modelservice_sdk.model import NamespaceModel
+from server.deploy.decoding import DecodeError, decode_model
+from server.deploy.extraction import extract_archive, read_archive
+from server.deploy.specs import LoadSpec, LoadSummary
+from server.errors import ModelServiceError
+
+PROGRESS_INTERVAL_SECONDS = 0.25
+
+Reporter = Callable[[dict[str, Any]], None]
+
+DOWNLOAD, VERIFY, DECODE, CACHE = "download", "verify", "decode", "cache"
+
+
+def run_load(spec: LoadSpec, report: Reporter, node_id: str = "") -> tuple[NamespaceModel | None, LoadSummary]:
+    """Loads one model; never raises for a bad model: the summary says what failed."""
+    started = time.monotonic()
+    stage = DOWNLOAD
+    scratch = Path(tempfile.mkdtemp(prefix=f"modelservice-load-{spec.model_id}-", dir=spec.scratch_dir or None))
+    try:
+        archive = scratch / "archive"
+        report({"state": "downloading", "bytes_done": 0, "bytes_total": spec.size_bytes})
+        sha256 = _download(spec, archive, report)
+        stage = VERIFY
+        report({"state": "verifying", "bytes_done": spec.size_bytes, "bytes_total": spec.size_bytes})
+        if sha256 != spec.sha256:
+            return None, _failed(
+                node_id, started, VERIFY, "CHECKSUM_MISMATCH",
+                f"the stored archive hashes to {sha256}, not to {spec.sha256} recorded at upload",
+            )
+        stage = DECODE
+        report({"state": "decoding"})
+        extracted = scratch / "model"
+        extracted.mkdir()
+        with archive.open("rb") as handle:
+            extract_archive(
+                iter(lambda: handle.read(8 * 1024 * 1024), b""), extracted,
+                max_unpacked_bytes=spec.max_unpacked_bytes, max_members=spec.max_members,
+                on_progress=lambda _: None,
+            )
+        model = decode_model(extracted, spec.model_id, spec.model_format, sha256)
+        stage = CACHE
+        report({"state": "caching", "message": f"{len(model.tensors)} tensors, {model.nbytes} bytes"})
+        summary = LoadSummary(ok=True, node_id=node_id, nbytes=model.nbytes, seconds=time.monotonic() - started)
+        return model, summary
+    except DecodeError as error:
+        return None, _failed(node_id, started, stage, error.reason, error.message)
+    except ModelServiceError as error:
+        return None, _failed(node_id, started, stage, error.reason, error.message)
+    except Exception as error:  # a load must end in a state, whatever broke
+        return None, _failed(node_id, started, stage, "LOAD_ERROR", f"{type(error).__name__}: {error}")
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _download(spec: LoadSpec, target: Path, report: Reporter) -> str:
+    digest = hashlib.sha256()
+    done = 0
+    last_report = time.monotonic()
+    with target.open("wb") as handle:
+        for chunk in read_archive(spec.store, spec.archive_key):
+            digest.update(chunk)
+            handle.write(chunk)
+            done += len(chunk)
+            now = time.monotonic()
+            if now - last_report >= PROGRESS_INTERVAL_SECONDS:
+                report({"state": "downloading", "bytes_done": done, "bytes_total": spec.size_bytes})
+                last_report = now
+    return digest.hexdigest()
+
+
+def _failed(node_id: str, started: float, stage: str, reason: str, message: str) -> LoadSummary:
+    return LoadSummary(
+        ok=False, node_id=node_id, seconds=time.monotonic() - started,
+        failed_stage=stage, reason=reason, message=message,
+    )
+
+
+def remote_load(spec: LoadSpec, cache: Any) -> tuple[NamespaceModel | None, LoadSummary]:
+    """Body of the Ray task: reports progress to the cache actor.
+
+    Each report is awaited: the cache then records events in the order they happened,
+    and the last one ("caching") before the task's result arrives.
+    """
+    import ray
+
+    def report(event: dict[str, Any]) -> None:
+        ray.get(cache.report.remote(spec.task_id, event))
+
+    return run_load(spec, report, node_id=ray.get_runtime_context().get_node_id())
