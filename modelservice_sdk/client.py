@@ -154,10 +154,11 @@ class ModelServiceClient:
         return task
 
     async def watch_deployment(
-        self, namespace_id: str, model_id: str, *, after_sequence: int = 0
+        self, namespace_id: str, model_id: str, *, after_sequence: int = 0, task_id: str = ""
     ) -> AsyncIterator[pb.DeploymentEvent]:
+        """Events of the model's latest deployment (or of `task_id`), until its end."""
         request = pb.WatchDeploymentRequest(
-            namespace_id=namespace_id, model_id=model_id, after_sequence=after_sequence
+            namespace_id=namespace_id, model_id=model_id, after_sequence=after_sequence, task_id=task_id
         )
         call = self.stub.WatchDeployment(request, metadata=self._metadata)
         try:

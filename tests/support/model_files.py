@@ -66,9 +66,10 @@ def write_torchscript(directory: Path, net: torch.nn.Module, name: str = "model.
     return path
 
 
-def write_onnx(directory: Path, seed: int = 0, name: str = "model.onnx") -> tuple[Path, dict[str, np.ndarray]]:
+def write_onnx(
+    directory: Path, seed: int = 0, name: str = "model.onnx", save: bool = True
+) -> tuple[Path, dict[str, np.ndarray]]:
     """y = relu(x @ W + b): a real ONNX graph with two initializers."""
-    directory.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     weight = rng.standard_normal((8, 4), dtype=np.float32)
     bias = rng.standard_normal(4, dtype=np.float32)
@@ -87,7 +88,9 @@ def write_onnx(directory: Path, seed: int = 0, name: str = "model.onnx") -> tupl
     model.ir_version = 8
     onnx.checker.check_model(model)
     path = directory / name
-    onnx.save(model, str(path))
+    if save:
+        directory.mkdir(parents=True, exist_ok=True)
+        onnx.save(model, str(path))
     return path, {"W": weight, "b": bias}
 
 

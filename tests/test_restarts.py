@@ -1,0 +1,141 @@
+"""Restarts: of the service during and after a deployment, and of the Ray cluster.
+
+The service runs as a real process here (`python -m server`), killed with SIGKILL or
+stopped with SIGTERM, against the same MongoDB and S3 as the other tests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+
+from modelservice.v1 import model_service_pb2 as pb
+
+from modelservice_sdk.client import ModelServiceClient, upload_header
+from server.embedded.processes import ray_head
+from server.settings import GIB, Settings
+from tests.support import model_files
+from tests.support.service_process import ServiceProcess, service_environment, start_service
+from tests.support.uploads import upload_fields, upload_model
+
+pytestmark = pytest.mark.integration
+
+
+@contextlib.contextmanager
+def running_service(environment: dict[str, str], log: Path) -> Iterator[ServiceProcess]:
+    service = start_service(environment, log)
+    try:
+        yield service
+    finally:
+        service.stop()
+
+
+@contextlib.asynccontextmanager
+async def connected(service: ServiceProcess) -> AsyncIterator[ModelServiceClient]:
+    async with ModelServiceClient(service.address, service.api_key) as client:
+        yield client
+
+
+@pytest.fixture
+def isolated_settings(service_settings: Settings) -> Settings:
+    """Same servers, a database of its own: the dev namespace and key are per test."""
+    return Settings(**{**service_settings.__dict__, "mongodb_database": f"restarts_{uuid.uuid4().hex[:8]}"})
+
+
+async def test_killing_the_service_mid_deployment_neither_loses_nor_sticks_it(
+    isolated_settings: Settings, ray_address: str, tmp_path: Path
+) -> None:
+    environment = service_environment(isolated_settings, tmp_path / "data", ray_address)
+    # 48 MiB of weights: the load takes long enough to kill the service while it runs.
+    weights = model_files.reference_weights(scale=96 * 1024)
+    archive = model_files.pack(model_files.write_safetensors(tmp_path / "big", weights), tmp_path / "big.tar.gz")
+    with running_service(environment, tmp_path / "first.log") as first:
+        async with connected(first) as client:
+            uploaded = await client.upload_file(archive, upload_fields(first.namespace_id, "safetensors"))
+            pending = await client.deploy_model(first.namespace_id, uploaded.model_id, wait=False)
+        first.kill()
+    with running_service(environment, tmp_path / "second.log") as second:
+        async with connected(second) as client:
+            events = [
+                e async for e in client.watch_deployment(second.namespace_id, uploaded.model_id, task_id=pending.task_id)
+            ]
+            model = (await client.get_model(second.namespace_id, uploaded.model_id)).model
+    assert events[-1].state == "deployed"
+    assert model.deployed is True
+
+
+async def test_a_model_deployed_before_a_restart_is_still_cached_after_it(
+    isolated_settings: Settings, ray_address: str, tmp_path: Path
+) -> None:
+    environment = service_environment(isolated_settings, tmp_path / "data", ray_address)
+    with running_service(environment, tmp_path / "first.log") as first:
+        async with connected(first) as client:
+            model_id = await upload_model(client, first.namespace_id, tmp_path, "onnx")
+            deployed = await client.deploy_model(first.namespace_id, model_id)
+        assert first.terminate() == 0  # graceful: health NOT_SERVING, drain, exit 0
+    with running_service(environment, tmp_path / "second.log") as second:
+        async with connected(second) as client:
+            again = await client.deploy_model(second.namespace_id, model_id)
+            model = (await client.get_model(second.namespace_id, model_id)).model
+    assert deployed.deployment_status == "deployed"
+    assert (again.deployment_status, again.cached, again.task_id) == ("deployed", True, deployed.task_id)
+    assert model.deployed is True
+
+
+async def test_after_a_ray_restart_lost_models_are_marked_and_load_again(
+    isolated_settings: Settings, tmp_path: Path
+) -> None:
+    def own_cluster(name: str) -> contextlib.AbstractContextManager[str]:
+        return ray_head(tmp_path / name, object_store_bytes=GIB // 2, num_cpus=2, env=dict(os.environ))
+
+    with own_cluster("ray-a") as first_cluster:
+        environment = service_environment(isolated_settings, tmp_path / "data", first_cluster)
+        with running_service(environment, tmp_path / "first.log") as first:
+            async with connected(first) as client:
+                model_id = await upload_model(client, first.namespace_id, tmp_path, "safetensors")
+                assert (await client.deploy_model(first.namespace_id, model_id)).deployment_status == "deployed"
+    # The cluster is gone, and the cached weights with it.
+    with own_cluster("ray-b") as second_cluster:
+        environment = service_environment(isolated_settings, tmp_path / "data", second_cluster)
+        with running_service(environment, tmp_path / "second.log") as second:
+            async with connected(second) as client:
+                after_restart = (await client.get_model(second.namespace_id, model_id)).model
+                redeployed = await client.deploy_model(second.namespace_id, model_id)
+                final = (await client.get_model(second.namespace_id, model_id)).model
+    assert after_restart.deployed is False and not after_restart.HasField("deployment_info")
+    assert (redeployed.deployment_status, redeployed.cached) == ("deployed", False)
+    assert final.deployed is True
+    assert final.deployment_info.ray_cluster_url == f"ray://{second_cluster}"
+
+
+async def test_graceful_shutdown_lets_an_in_flight_upload_finish(
+    isolated_settings: Settings, ray_address: str, tmp_path: Path
+) -> None:
+    environment = service_environment(isolated_settings, tmp_path / "data", ray_address)
+    archive = model_files.pack(
+        model_files.write_safetensors(tmp_path / "m", model_files.reference_weights()), tmp_path / "m.tar.gz"
+    )
+    with running_service(environment, tmp_path / "service.log") as service:
+        async with connected(service) as client:
+            data = archive.read_bytes()
+            started = asyncio.Event()
+
+            async def slow_upload() -> AsyncIterator[pb.UploadModelRequest]:
+                yield upload_header(upload_fields(service.namespace_id, "safetensors"))
+                for offset in range(0, len(data), 64):  # about one second in all
+                    yield pb.UploadModelRequest(chunk=data[offset : offset + 64])
+                    started.set()
+                    await asyncio.sleep(1 / (len(data) / 64))
+
+            upload = asyncio.create_task(client.upload_stream(slow_upload()))
+            await started.wait()
+            exit_code = await asyncio.to_thread(service.terminate)
+            uploaded = await upload
+    assert exit_code == 0
+    assert uploaded.success
