@@ -16,6 +16,7 @@ are views on the shared object store, never copies.
 from __future__ import annotations
 
 import os
+from typing import Any
 
 from modelservice_sdk.model import ModelNotAvailable, NamespaceModel
 
@@ -47,7 +48,7 @@ def load_namespace_model(
         cache = ray.get_actor(name, namespace=CACHE_NAMESPACE)
     except ValueError:
         raise ModelNotAvailable(f"no modelservice model cache ({name!r}) runs on this Ray cluster") from None
-    refs = ray.get(cache.lookup.remote(model_id, namespace_id))
+    refs: list[Any] | None = ray.get(cache.lookup.remote(model_id, namespace_id))
     if refs is None:
         refs = ray.get(cache.ensure.remote(model_id, namespace_id))
     model: NamespaceModel = ray.get(refs[0])

@@ -9,11 +9,13 @@ SIGTERM or Ctrl-C: health turns NOT_SERVING, in-flight RPCs drain, then everythi
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 
 from server.app import ModelServiceApp
 from server.core.models import Tier
+from server.embedded.envoy import envoy_proxy
 from server.errors import NamespaceAlreadyExists, Unauthenticated
 from server.settings import Settings
 
@@ -53,10 +55,22 @@ async def serve(settings: Settings) -> None:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
-    async with ModelServiceApp(settings) as app:
+    async with ModelServiceApp(settings) as app, contextlib.AsyncExitStack() as gateway_stack:
         key = await bootstrap_dev_tenant(app)
+        rest = "disabled (MODELSERVICE_REST_GATEWAY=false)"
+        if settings.rest_gateway:
+            gateway = gateway_stack.enter_context(
+                envoy_proxy(
+                    settings.data_dir / "envoy",
+                    backend_host=settings.grpc_host,
+                    backend_port=app.port,
+                    listen_port=settings.http_port,
+                )
+            )
+            rest = f"{gateway.base_url}  (Envoy: REST and gRPC on one port)"
         print(
             "\nmodelservice is ready\n"
+            f"  REST:       {rest}\n"
             f"  gRPC:       {app.address}  (reflection on: grpcurl -plaintext {app.address} list)\n"
             f"  MongoDB:    {app.mongodb_uri}\n"
             f"  namespace:  {DEV_NAMESPACE}\n"

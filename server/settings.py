@@ -25,6 +25,11 @@ class Settings:
     grpc_port: int = 50051
     """gRPC port; 0 picks a free one (the bound port is logged and returned by the app)."""
 
+    http_port: int = 8080
+    """REST (and gRPC) port of the Envoy gateway the launcher starts; 0 picks a free one."""
+    rest_gateway: bool = True
+    """Whether `python -m server` starts Envoy beside the service."""
+
     mongodb_uri: str = ""
     """MongoDB connection string. Empty: start an embedded nx-27017 server in `data_dir`."""
     mongodb_database: str = "modelservice"
@@ -98,7 +103,7 @@ class Settings:
 
 
 def _parse(type_name: object, raw: str, name: str) -> object:
-    parsers: dict[str, Any] = {"int": int, "float": float, "str": str, "Path": Path}
+    parsers: dict[str, Any] = {"int": int, "float": float, "str": str, "Path": Path, "bool": _parse_bool}
     parser = parsers.get(str(type_name))
     if parser is None:
         raise TypeError(f"no parser for setting {name} of type {type_name}")
@@ -106,3 +111,12 @@ def _parse(type_name: object, raw: str, name: str) -> object:
         return parser(raw)
     except ValueError as error:
         raise ValueError(f"{ENV_PREFIX}{name.upper()}={raw!r}: {error}") from error
+
+
+def _parse_bool(raw: str) -> bool:
+    lowered = raw.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise ValueError("expected true or false")

@@ -1,8 +1,10 @@
-"""The one place where failures become gRPC statuses.
+"""The one place where failures become gRPC statuses (and REST error bodies).
 
 A `ModelServiceError` becomes its gRPC code plus a `google.rpc.Status` carrying
 `google.rpc.ErrorInfo` (reason, domain, metadata) in the `grpc-status-details-bin`
-trailer; Envoy turns the same status into the REST error body. Anything else is a bug:
+trailer. The REST body of the same error, in the public API's shape, travels in the
+`x-modelservice-error` trailer; Envoy's Lua filter (envoy/error_shape.lua) makes it the
+response body and status. Anything else is a bug:
 it is logged once with its traceback and the caller gets INTERNAL with a generic message.
 Covers unary and streaming handlers alike.
 """
@@ -10,6 +12,7 @@ Covers unary and streaming handlers alike.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -35,22 +38,54 @@ GRPC_CODES: dict[ErrorKind, grpc.StatusCode] = {
     ErrorKind.UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
 }
 
+#: HTTP status and error type of each kind, for REST callers (the public API's shape).
+HTTP_ERRORS: dict[ErrorKind, tuple[int, str]] = {
+    ErrorKind.INVALID_INPUT: (400, "ValidationError"),
+    ErrorKind.UNAUTHENTICATED: (401, "AuthenticationError"),
+    ErrorKind.FORBIDDEN: (403, "PermissionDeniedError"),
+    ErrorKind.NOT_FOUND: (404, "NotFoundError"),
+    ErrorKind.CONFLICT: (409, "ConflictError"),
+    ErrorKind.FAILED_PRECONDITION: (400, "FailedPreconditionError"),
+    ErrorKind.UNAVAILABLE: (503, "ServiceUnavailableError"),
+}
+#: Reasons whose HTTP status is more precise than their kind's.
+HTTP_STATUS_OF_REASON = {"ARCHIVE_TOO_LARGE": 413}
+REST_ERROR_METADATA_KEY = "x-modelservice-error"
+
 OWN_SERVICE_PREFIX = "/modelservice.v1."
 INTERNAL_MESSAGE = "internal error; the service logged the details"
 
 
 def status_for(error: ModelServiceError) -> grpc.Status:
     """The rich status of a domain error."""
-    code = GRPC_CODES[error.kind]
-    return _rich_status(code, error.message, error.reason, dict(error.details))
+    http_status, error_type = HTTP_ERRORS[error.kind]
+    http_status = HTTP_STATUS_OF_REASON.get(error.reason, http_status)
+    return _rich_status(
+        GRPC_CODES[error.kind], error.message, error.reason, dict(error.details), http_status, error_type
+    )
 
 
 def internal_status() -> grpc.Status:
-    return _rich_status(grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE, "INTERNAL", {})
+    return _rich_status(grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE, "INTERNAL", {}, 500, "InternalServerError")
+
+
+def rest_error_body(http_status: int, message: str, error_type: str, reason: str, details: dict[str, str]) -> str:
+    """The public API's ErrorResponse, as compact ASCII JSON (it travels as metadata)."""
+    body = {
+        "success": False,
+        "status": http_status,
+        "error": {"message": message, "type": error_type, "code": reason.lower(), "details": details},
+    }
+    return json.dumps(body, separators=(",", ":"), ensure_ascii=True)
 
 
 def _rich_status(
-    code: grpc.StatusCode, message: str, reason: str, metadata: dict[str, str]
+    code: grpc.StatusCode,
+    message: str,
+    reason: str,
+    metadata: dict[str, str],
+    http_status: int,
+    error_type: str,
 ) -> grpc.Status:
     info = error_details_pb2.ErrorInfo(reason=reason, domain=ERROR_DOMAIN, metadata=metadata)
     detail = any_pb2.Any()
@@ -58,8 +93,16 @@ def _rich_status(
     proto = status_pb2.Status(
         code=getattr(code_pb2, code.name), message=message, details=[detail]
     )
-    status: grpc.Status = rpc_status.to_status(proto)
-    return status
+    status = rpc_status.to_status(proto)
+    rest_body = rest_error_body(http_status, message, error_type, reason, metadata)
+    return _Status(status.code, status.details, (*status.trailing_metadata, (REST_ERROR_METADATA_KEY, rest_body)))
+
+
+class _Status(grpc.Status):
+    def __init__(self, code: grpc.StatusCode, details: str, trailing_metadata: tuple[tuple[str, str | bytes], ...]) -> None:
+        self.code = code
+        self.details = details
+        self.trailing_metadata = trailing_metadata
 
 
 async def _abort(context: grpc.aio.ServicerContext[Any, Any], error: BaseException) -> None:

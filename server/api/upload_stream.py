@@ -1,7 +1,9 @@
 """Turns an UploadModel request stream into the declared metadata and a stream of bytes.
 
-gRPC clients send metadata first and `chunk` bytes after; over REST, Envoy sends
-the path and query parameters with the first `http_body` slice and only body bytes after.
+gRPC clients send metadata first and `chunk` bytes after. Over REST, Envoy sends the path
+and query parameters with the first `http_body` slice and only body bytes after; the body
+is either the public API's multipart form (fields, then the `file` part) or the raw
+archive with its metadata in query parameters.
 """
 
 from __future__ import annotations
@@ -10,7 +12,10 @@ from collections.abc import AsyncIterator
 
 from modelservice.v1 import model_service_pb2 as pb
 
+import dataclasses
+
 from server.api.converters import declaration_from_request
+from server.api.multipart import FormReader, is_multipart
 from server.core.validation import UploadDeclaration
 from server.errors import InvalidArgument, UploadIncomplete
 
@@ -24,7 +29,33 @@ async def split_upload_stream(
     if first is None:
         raise UploadIncomplete("the upload stream ended before its metadata message")
     declaration = declaration_from_request(first)
+    if is_multipart(first.http_body.content_type):
+        form = FormReader(first.http_body.content_type, _archive_bytes(first, requests))
+        fields, file_bytes = await form.fields_then_file()
+        return _with_form_fields(declaration, fields), _then_drain(file_bytes, form)
     return declaration, _archive_bytes(first, requests)
+
+
+_NUMERIC_FIELDS = {"num_cpus": float, "num_gpus": float, "memory_gb": float}
+_TEXT_FIELDS = ("name", "version", "model_format", "framework", "task_type", "expected_sha256")
+
+
+def _with_form_fields(declaration: UploadDeclaration, fields: dict[str, str]) -> UploadDeclaration:
+    """Form fields complete the declaration; the namespace always comes from the path."""
+    changes: dict[str, object] = {name: fields[name].strip() for name in _TEXT_FIELDS if name in fields}
+    for name, parse in _NUMERIC_FIELDS.items():
+        if fields.get(name, "").strip():
+            try:
+                changes[name] = parse(fields[name])
+            except ValueError:
+                raise InvalidArgument(f"{name} must be a number", field=name) from None
+    return dataclasses.replace(declaration, **changes)  # type: ignore[arg-type]
+
+
+async def _then_drain(file_bytes: AsyncIterator[bytes], form: FormReader) -> AsyncIterator[bytes]:
+    async for chunk in file_bytes:
+        yield chunk
+    await form.drain()
 
 
 async def _archive_bytes(

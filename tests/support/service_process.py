@@ -9,6 +9,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -65,7 +66,7 @@ def start_service(environment: dict[str, str], log_path: Path, timeout: float = 
     address = f"127.0.0.1:{environment['MODELSERVICE_GRPC_PORT']}"
     deadline = time.monotonic() + timeout
     with grpc.insecure_channel(address) as channel:
-        health = health_pb2_grpc.HealthStub(channel)
+        health: Any = health_pb2_grpc.HealthStub(channel)  # the stubs lack the generated methods
         while time.monotonic() < deadline:
             if process.poll() is not None:
                 raise RuntimeError(f"the service exited with {process.returncode}; see {log_path}")
