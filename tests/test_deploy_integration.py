@@ -111,7 +111,7 @@ async def test_deploy_then_load_in_a_ray_task_gives_the_original_weights_zero_co
     assert report["kind"] == {"pytorch": "state_dict"}.get(case, case)
 
     model = message_to_json(await client.get_model(tenant.namespace_id, model_id))["model"]
-    assert model["deployed"] is True
+    assert (model["deployed"], model["deployment_status"], model["deployment_error"]) == (True, "deployed", "")
     info = model["deployment_info"]
     assert info["ray_cluster_url"].startswith("ray://127.0.0.1:")
     assert info["ray_deployment_name"].startswith("model-cache-")
@@ -319,7 +319,9 @@ async def test_a_tampered_archive_fails_at_the_verify_stage(
     assert "verify" in failed.message and "CHECKSUM_MISMATCH" in failed.message
     last = [e async for e in client.watch_deployment(tenant.namespace_id, model_id)][-1]
     assert (last.state, last.failed_stage, last.error_reason, last.terminal) == ("failed", "verify", "CHECKSUM_MISMATCH", True)
-    assert (await client.get_model(tenant.namespace_id, model_id)).model.deployed is False
+    model = (await client.get_model(tenant.namespace_id, model_id)).model
+    assert (model.deployed, model.deployment_status) == (False, "failed")
+    assert model.deployment_error.startswith("verify: CHECKSUM_MISMATCH: ")
     task = await client.get_model_deploy_status(tenant.namespace_id, model_id)
     assert task.state == "FAILED" and task.error.startswith("verify: CHECKSUM_MISMATCH")
 

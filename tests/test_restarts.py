@@ -109,6 +109,7 @@ async def test_after_a_ray_restart_lost_models_are_marked_and_load_again(
                 redeployed = await client.deploy_model(second.namespace_id, model_id)
                 final = (await client.get_model(second.namespace_id, model_id)).model
     assert after_restart.deployed is False and not after_restart.HasField("deployment_info")
+    assert after_restart.deployment_status == "not_deployed" and "lost" in after_restart.deployment_error
     assert (redeployed.deployment_status, redeployed.cached) == ("deployed", False)
     assert final.deployed is True
     assert final.deployment_info.ray_cluster_url == f"ray://{second_cluster}"

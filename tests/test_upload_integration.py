@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import datetime
 import hashlib
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -315,3 +317,46 @@ async def test_bad_metadata_is_rejected_before_bytes_with_the_field_named(
     assert raised.value.code is grpc.StatusCode.INVALID_ARGUMENT
     assert raised.value.reason == "INVALID_ARGUMENT"
     assert raised.value.metadata["field"] == field
+
+
+async def test_the_janitor_clears_what_a_replica_that_died_mid_upload_left(
+    app: ModelServiceApp, tenant: Tenant, tmp_path: Path
+) -> None:
+    # What a replica leaves when it dies mid-upload: a reservation whose lease is no longer
+    # renewed, and an incomplete multipart upload with a part in it.
+    from server.core.models import utc_now
+    from server.core.validation import UploadDeclaration, validate_declaration
+    from server.persistence.mongo import ModelRepository, database
+
+    mongo = _mongo_client(app)
+    models = ModelRepository(database(mongo, app.settings.mongodb_database))
+    metadata = validate_declaration(
+        UploadDeclaration(namespace_id=tenant.namespace_id, name="orphan", version="1", model_format="onnx")
+    )
+    key = f"{tenant.namespace_id}/orphan-model/archive"
+    long_ago = utc_now() - datetime.timedelta(hours=1)
+    await models.reserve("orphan-model", metadata, key, lease_expires_at=long_ago, now=long_ago)
+    writer = await app.store.open_writer(key)
+    await writer.write(bytes(TEST_PART_BYTES))
+    await models.record_upload_id("orphan-model", writer.upload_id)
+    assert (await _s3_objects_and_uploads(app, tenant.namespace_id))[1] == [app.settings.s3_prefix + key]
+
+    cleared = await app.janitor.sweep()
+    await mongo.close()
+
+    assert cleared >= 1
+    assert await _s3_objects_and_uploads(app, tenant.namespace_id) == ([], [])
+    async with ModelServiceClient(app.address, tenant.api_key) as owner:
+        again = model_files.tar_bytes({"m/model.onnx": model_files.write_onnx(tmp_path)[0].read_bytes()}, "gz")
+
+        async def retry() -> AsyncIterator[pb.UploadModelRequest]:
+            yield upload_header(_fields(tenant, "onnx", name="orphan", version="1"))
+            yield pb.UploadModelRequest(chunk=again)
+
+        assert (await owner.upload_stream(retry())).success  # the name is free again
+
+
+def _mongo_client(app: ModelServiceApp) -> Any:
+    from pymongo import AsyncMongoClient
+
+    return AsyncMongoClient(app.mongodb_uri, tz_aware=True)

@@ -79,6 +79,8 @@ def model_document(model: StoredModel) -> pb.CustomModelDocument:
         created_at=timestamp(model.created_at),
         updated_at=timestamp(model.updated_at),
         size_bytes=float(model.size_bytes),
+        deployment_status=model.deployment_status.value,
+        deployment_error=model.deployment_error,
     )
     if metadata.input_schema is not None:
         document.input_schema.update(metadata.input_schema)

@@ -83,6 +83,9 @@ class StoredModel:
     deployment_info: DeploymentInfo | None
     created_at: datetime.datetime
     updated_at: datetime.datetime
+    deployment_status: DeploymentStatus = DeploymentStatus.NOT_DEPLOYED
+    deployment_error: str = ""
+    """For a failed deployment: "<stage>: <reason>: <message>"."""
 
     @property
     def endpoint(self) -> str:

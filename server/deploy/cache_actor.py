@@ -21,7 +21,7 @@ from typing import Any
 from pymongo import AsyncMongoClient
 
 from modelservice_sdk.model import ModelNotAvailable
-from server.core.models import BASE_IMAGES, DeploymentInfo, StoredModel, utc_now
+from server.core.models import BASE_IMAGES, DeploymentInfo, DeploymentStatus, StoredModel, utc_now
 from server.deploy.load_task import remote_load
 from server.deploy.specs import CacheConfig, DeployTicket, LoadSpec, LoadSummary
 from server.persistence.deployments import DeploymentEvent, DeploymentRepository
@@ -95,6 +95,7 @@ class ModelCache:
                 raise ModelNotAvailable(f"model {model_id!r} does not exist")
             load.namespace_id = model.metadata.namespace_id
             await deployments.create(load.task_id, model_id, load.namespace_id, is_async, utc_now())
+            await models.set_deployment(model_id, status=DeploymentStatus.PENDING, info=None, now=utc_now())
             await self._record(load, "queued", message="waiting for Ray resources")
         except BaseException as error:
             load.error = str(error)
@@ -139,7 +140,7 @@ class ModelCache:
         if entry is None:
             return False
         models, _ = await self._repositories()
-        await models.set_deployment(model_id, deployed=False, info=None, now=utc_now())
+        await models.set_deployment(model_id, status=DeploymentStatus.NOT_DEPLOYED, info=None, now=utc_now())
         return True
 
     async def reconcile(self) -> dict[str, int]:
@@ -164,10 +165,18 @@ class ModelCache:
                     message="the load was interrupted (the Ray cluster or its model cache restarted); deploy again",
                 )
             )
+            if task.model_id not in self._entries:
+                await models.set_deployment(
+                    task.model_id, status=DeploymentStatus.FAILED, info=None, now=utc_now(),
+                    error=f"{_stage_name(task.stage)}: INTERRUPTED: the load was interrupted; deploy again",
+                )
             interrupted += 1
         for model_id in await models.deployed_model_ids():
             if model_id not in self._entries:
-                await models.set_deployment(model_id, deployed=False, info=None, now=utc_now())
+                await models.set_deployment(
+                    model_id, status=DeploymentStatus.NOT_DEPLOYED, info=None, now=utc_now(),
+                    error="the cached weights were lost (the Ray cluster restarted); they load again on demand",
+                )
                 lost += 1
         if interrupted or lost:
             logger.warning("reconciled: %d interrupted deployments, %d lost models", interrupted, lost)
@@ -265,7 +274,7 @@ class ModelCache:
         now = utc_now()
         await models.set_deployment(
             load.model_id,
-            deployed=True,
+            status=DeploymentStatus.DEPLOYED,
             info=DeploymentInfo(
                 ray_cluster_url=self._config.ray_cluster_url,
                 ray_deployment_name=cache_actor_name(self._config.database),
@@ -284,7 +293,9 @@ class ModelCache:
         load.error = f"{stage}: {reason}: {message}"
         models, _ = await self._repositories()
         if load.model_id not in self._entries:
-            await models.set_deployment(load.model_id, deployed=False, info=None, now=utc_now())
+            await models.set_deployment(
+                load.model_id, status=DeploymentStatus.FAILED, info=None, now=utc_now(), error=load.error
+            )
         await self._record(load, "failed", failed_stage=stage, error_reason=reason, message=message)
 
 

@@ -18,6 +18,7 @@ from pymongo.errors import DuplicateKeyError
 
 from server.core.models import (
     DeploymentInfo,
+    DeploymentStatus,
     ModelFormat,
     ModelMetadata,
     Namespace,
@@ -178,10 +179,12 @@ class ModelRepository:
         self,
         model_id: str,
         *,
-        deployed: bool,
+        status: DeploymentStatus,
         info: DeploymentInfo | None,
         now: datetime.datetime,
+        error: str = "",
     ) -> None:
+        """Records where the model's deployment stands (deployed only with `info`)."""
         info_document = None
         if info is not None:
             info_document = {
@@ -193,7 +196,15 @@ class ModelRepository:
             }
         await self._models.update_one(
             {"_id": model_id, "state": READY},
-            {"$set": {"deployed": deployed, "deployment_info": info_document, "updated_at": now}},
+            {
+                "$set": {
+                    "deployed": status is DeploymentStatus.DEPLOYED,
+                    "deployment_status": status.value,
+                    "deployment_error": error,
+                    "deployment_info": info_document,
+                    "updated_at": now,
+                }
+            },
         )
 
     async def deployed_model_ids(self) -> list[str]:
@@ -227,6 +238,8 @@ def model_from_document(document: Document) -> StoredModel:
         sha256=document.get("sha256", ""),
         size_bytes=int(document.get("size_bytes", 0)),
         deployed=bool(document.get("deployed")),
+        deployment_status=DeploymentStatus(document.get("deployment_status") or DeploymentStatus.NOT_DEPLOYED.value),
+        deployment_error=document.get("deployment_error") or "",
         deployment_info=None
         if not info
         else DeploymentInfo(

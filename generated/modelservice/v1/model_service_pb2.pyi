@@ -254,6 +254,8 @@ class CustomModelDocument(_message.Message):
     CREATED_AT_FIELD_NUMBER: _builtins.int
     UPDATED_AT_FIELD_NUMBER: _builtins.int
     SIZE_BYTES_FIELD_NUMBER: _builtins.int
+    DEPLOYMENT_STATUS_FIELD_NUMBER: _builtins.int
+    DEPLOYMENT_ERROR_FIELD_NUMBER: _builtins.int
     model_id: _builtins.str
     """Unique model id."""
     namespace_id: _builtins.str
@@ -276,6 +278,12 @@ class CustomModelDocument(_message.Message):
     """Task type, as uploaded."""
     size_bytes: _builtins.float
     """Archive size in bytes (a double for a JSON number)."""
+    deployment_status: _builtins.str
+    """Where the latest deployment stands: "not_deployed", "pending", "deployed", "failed"."""
+    deployment_error: _builtins.str
+    """For a failed deployment: "<stage>: <reason>: <message>" (e.g. "verify:
+    CHECKSUM_MISMATCH: ..."); empty otherwise.
+    """
     @_builtins.property
     def deployment_info(self) -> Global___ModelDeploymentInfo:
         """Deployment details; absent when the model was never deployed."""
@@ -320,10 +328,12 @@ class CustomModelDocument(_message.Message):
         created_at: _timestamp_pb2.Timestamp | None = ...,
         updated_at: _timestamp_pb2.Timestamp | None = ...,
         size_bytes: _builtins.float = ...,
+        deployment_status: _builtins.str = ...,
+        deployment_error: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "deployment_info", b"deployment_info", "input_schema", b"input_schema", "output_schema", b"output_schema", "resource_requirements", b"resource_requirements", "updated_at", b"updated_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "deployed", b"deployed", "deployment_info", b"deployment_info", "framework", b"framework", "input_schema", b"input_schema", "model_archive_url", b"model_archive_url", "model_format", b"model_format", "model_hash", b"model_hash", "model_id", b"model_id", "name", b"name", "namespace_id", b"namespace_id", "output_schema", b"output_schema", "resource_requirements", b"resource_requirements", "size_bytes", b"size_bytes", "task_type", b"task_type", "updated_at", b"updated_at", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "deployed", b"deployed", "deployment_error", b"deployment_error", "deployment_info", b"deployment_info", "deployment_status", b"deployment_status", "framework", b"framework", "input_schema", b"input_schema", "model_archive_url", b"model_archive_url", "model_format", b"model_format", "model_hash", b"model_hash", "model_id", b"model_id", "name", b"name", "namespace_id", b"namespace_id", "output_schema", b"output_schema", "resource_requirements", b"resource_requirements", "size_bytes", b"size_bytes", "task_type", b"task_type", "updated_at", b"updated_at", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
