@@ -24,6 +24,7 @@ from server.api.error_mapping import ErrorMappingInterceptor
 from server.api.servicer import ModelServiceServicer
 from server.archives.inspector import InspectionLimits
 from server.archives.stores import ArchiveStore, LocalArchiveStore, S3ArchiveStore
+from server.core.catalog import ModelCatalog
 from server.core.deployments import DeploymentService, WatchTiming
 from server.core.tenancy import TenancyService
 from server.core.uploads import UploadJanitor, UploadLimits, UploadService
@@ -52,6 +53,7 @@ class ModelServiceApp:
         # Built in start(); public so tools (admin, tests) reuse the same services.
         self.tenancy: TenancyService
         self.uploads: UploadService
+        self.catalog: ModelCatalog
         self.deployments: DeploymentService
         self.cluster: RayModelCluster
         self.janitor: UploadJanitor
@@ -106,15 +108,16 @@ class ModelServiceApp:
         self._stack.push_async_callback(_cancel, janitor_task)
 
         self.cluster = await self._start_cluster()
+        self.catalog = ModelCatalog(self.tenancy, models)
         self.deployments = DeploymentService(
             self.tenancy,
-            models,
+            self.catalog,
             deployment_repository,
             self.cluster,
             WatchTiming(poll_seconds=settings.watch_poll_seconds, heartbeat_seconds=settings.watch_heartbeat_seconds),
         )
 
-        await self._start_grpc(ModelServiceServicer(self.uploads, self.deployments))
+        await self._start_grpc(ModelServiceServicer(self.uploads, self.catalog, self.deployments))
 
     async def _start_cluster(self) -> RayModelCluster:
         settings = self.settings

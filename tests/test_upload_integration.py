@@ -25,6 +25,7 @@ from server.app import ModelServiceApp
 from server.core.models import Tier
 from tests.conftest import TEST_PART_BYTES, TEST_PARTS_IN_FLIGHT, Tenant, make_tenant
 from tests.support import model_files
+from tests.support.uploads import build_model_archive
 
 pytestmark = pytest.mark.integration
 
@@ -39,20 +40,8 @@ def _fields(tenant: Tenant, model_format: str, **extra: object) -> UploadFields:
     )
 
 
-def _build_archive(tmp_path: Path, model_format: str, compression: str) -> Path:
-    source = tmp_path / "src"
-    if model_format == "safetensors":
-        model_files.write_safetensors(source, model_files.reference_weights())
-    elif model_format == "onnx":
-        model_files.write_onnx(source)
-    elif model_format == "pytorch":
-        model_files.write_state_dict(source, model_files.tiny_net())
-    elif model_format == "torchscript":
-        model_files.write_torchscript(source, model_files.tiny_net())
-    else:
-        model_files.write_huggingface(source, model_files.reference_weights())
-    suffix = {"gz": ".tar.gz", "": ".tar", "zst": ".tar.zst"}[compression]
-    return model_files.pack(source, tmp_path / f"model{suffix}", compression)
+def _build_archive(tmp_path: Path, case: str, compression: str) -> Path:
+    return build_model_archive(tmp_path, case, compression)
 
 
 async def _s3_objects_and_uploads(app: ModelServiceApp, namespace_id: str) -> tuple[list[str], list[str]]:

@@ -11,6 +11,7 @@ from modelservice.v1 import model_service_pb2_grpc as pb_grpc
 
 from server.api import converters
 from server.api.upload_stream import split_upload_stream
+from server.core.catalog import ModelCatalog
 from server.core.deployments import DeploymentService
 from server.core.uploads import UploadService
 
@@ -18,8 +19,9 @@ Context = grpc.aio.ServicerContext[Any, Any]
 
 
 class ModelServiceServicer(pb_grpc.ModelServiceServicer):
-    def __init__(self, uploads: UploadService, deployments: DeploymentService) -> None:
+    def __init__(self, uploads: UploadService, catalog: ModelCatalog, deployments: DeploymentService) -> None:
         self._uploads = uploads
+        self._catalog = catalog
         self._deployments = deployments
 
     async def UploadModel(
@@ -32,7 +34,7 @@ class ModelServiceServicer(pb_grpc.ModelServiceServicer):
 
     async def GetModel(self, request: pb.GetModelRequest, context: Context) -> pb.GetModelResponse:
         token = converters.bearer_token(context.invocation_metadata())
-        model = await self._uploads.get(token, request.namespace_id, request.model_id)
+        model = await self._catalog.get(token, request.namespace_id, request.model_id)
         return pb.GetModelResponse(success=True, model=converters.model_document(model))
 
     async def DeployModel(self, request: pb.DeployModelRequest, context: Context) -> pb.DeployModelResponse:

@@ -13,12 +13,12 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Protocol
 
-from server.core.models import DeploymentStatus, StoredModel, utc_now
+from server.core.catalog import ModelCatalog
+from server.core.models import DeploymentStatus, utc_now
 from server.core.tenancy import TenancyService
 from server.deploy.specs import DeployTicket
-from server.errors import DeployTaskNotFound, ModelNotFound
+from server.errors import DeployTaskNotFound
 from server.persistence.deployments import COMPLETED, DeploymentEvent, DeploymentRepository, DeployTask
-from server.persistence.mongo import ModelRepository
 
 HEARTBEAT = "heartbeat"
 
@@ -53,19 +53,19 @@ class DeploymentService:
     def __init__(
         self,
         tenancy: TenancyService,
-        models: ModelRepository,
+        catalog: ModelCatalog,
         deployments: DeploymentRepository,
         cluster: ModelCluster,
         timing: WatchTiming,
     ) -> None:
         self._tenancy = tenancy
-        self._models = models
+        self._catalog = catalog
         self._deployments = deployments
         self._cluster = cluster
         self._timing = timing
 
     async def deploy(self, bearer_token: str | None, namespace_id: str, model_id: str, wait: bool) -> DeployOutcome:
-        model = await self._authorized_model(bearer_token, namespace_id, model_id)
+        model = await self._catalog.get(bearer_token, namespace_id, model_id)
         ticket = await self._cluster.deploy(model.model_id, is_async=not wait)
         if ticket.cached:
             return DeployOutcome(
@@ -100,7 +100,7 @@ class DeploymentService:
         return task
 
     async def latest_task(self, bearer_token: str | None, namespace_id: str, model_id: str) -> DeployTask:
-        await self._authorized_model(bearer_token, namespace_id, model_id)
+        await self._catalog.get(bearer_token, namespace_id, model_id)
         task = await self._deployments.latest_for_model(model_id)
         if task is None:
             raise DeployTaskNotFound(
@@ -147,16 +147,6 @@ class DeploymentService:
                     yield _heartbeat(task, cursor)
                     quiet_since = time.monotonic()
             await asyncio.sleep(self._timing.poll_seconds)
-
-    async def _authorized_model(self, bearer_token: str | None, namespace_id: str, model_id: str) -> StoredModel:
-        await self._tenancy.authorize(bearer_token, namespace_id)
-        model = await self._models.get(namespace_id, model_id)
-        if model is None:
-            raise ModelNotFound(
-                f"model {model_id!r} not found in namespace {namespace_id!r}",
-                id=model_id, resource="model", namespace_id=namespace_id,
-            )
-        return model
 
     async def _wait_until_finished(self, task_id: str) -> DeployTask:
         while True:

@@ -24,7 +24,7 @@ from server.archives.stores import ArchiveStore, ArchiveWriter
 from server.core.models import ModelMetadata, StoredModel, utc_now
 from server.core.tenancy import TenancyService
 from server.core.validation import UploadDeclaration, validate_declaration
-from server.errors import ArchiveTooLarge, ChecksumMismatch, InvalidArchive, ModelNotFound
+from server.errors import ArchiveTooLarge, ChecksumMismatch, InvalidArchive
 from server.persistence.mongo import ModelRepository
 
 logger = logging.getLogger(__name__)
@@ -110,16 +110,6 @@ class UploadService:
             stats.seconds, stats.peak_buffered_bytes, sha256,
         )
         return UploadResult(model=model, report=report)
-
-    async def get(self, bearer_token: str | None, namespace_id: str, model_id: str) -> StoredModel:
-        await self._tenancy.authorize(bearer_token, namespace_id)
-        model = await self._models.get(namespace_id, model_id)
-        if model is None:
-            raise ModelNotFound(
-                f"model {model_id!r} not found in namespace {namespace_id!r}",
-                id=model_id, resource="model", namespace_id=namespace_id,
-            )
-        return model
 
     async def _consume(
         self,

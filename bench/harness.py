@@ -1,0 +1,79 @@
+"""Shared set-up for the benchmarks: a real service on embedded parts, results as JSON."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import platform
+import statistics
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import safetensors.numpy
+
+from server.app import ModelServiceApp
+from server.core.models import Tier
+from server.embedded.processes import embedded_mongodb, ray_head
+from server.settings import GIB, Settings
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+@contextlib.asynccontextmanager
+async def bench_service(
+    work_dir: Path, *, object_store_bytes: int = 3 * GIB, **overrides: Any
+) -> AsyncIterator[tuple[ModelServiceApp, str, str]]:
+    """The service with embedded MongoDB, a Ray head of its own; yields (app, namespace, key)."""
+    with ray_head(work_dir / "ray", object_store_bytes=object_store_bytes, num_cpus=2, env=dict(os.environ)) as ray_address:
+        async with embedded_mongodb(work_dir / "mongodb") as mongodb_uri:
+            settings = Settings(
+                grpc_port=0, mongodb_uri=mongodb_uri, ray_address=ray_address,
+                data_dir=work_dir / "service", mongodb_database=f"bench_{uuid.uuid4().hex[:6]}", **overrides,
+            )
+            async with ModelServiceApp(settings) as app:
+                await app.tenancy.create_namespace("bench", Tier.ENTERPRISE)
+                key = (await app.tenancy.issue_key(["bench"], label="bench")).key
+                yield app, "bench", key
+
+
+def write_weights(path: Path, total_bytes: int) -> Path:
+    """A safetensors file of float32 tensors (64 MiB each) adding up to total_bytes."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    tensors: dict[str, np.ndarray] = {}
+    remaining = total_bytes
+    index = 0
+    while remaining > 0:
+        size = min(remaining, 64 * 1024 * 1024)
+        tensors[f"layer{index}.weight"] = rng.standard_normal(size // 4, dtype=np.float32)
+        remaining -= size
+        index += 1
+    safetensors.numpy.save_file(tensors, str(path))
+    return path
+
+
+def timed(action: Callable[[], Any], repeat: int) -> list[float]:
+    samples = []
+    for _ in range(repeat):
+        started = time.perf_counter()
+        action()
+        samples.append(time.perf_counter() - started)
+    return samples
+
+
+def median(samples: list[float]) -> float:
+    return statistics.median(samples)
+
+
+def write_result(name: str, result: dict[str, Any]) -> Path:
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    result = {"benchmark": name, "machine": {"cpus": os.cpu_count(), "python": platform.python_version()}, **result}
+    path = RESULTS_DIR / f"{name}.json"
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+    return path
