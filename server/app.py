@@ -196,11 +196,15 @@ class ModelServiceApp:
     def address(self) -> str:
         return f"{self.settings.grpc_host}:{self.port}"
 
+    async def begin_draining(self) -> None:
+        """Health turns NOT_SERVING: Envoy (and any load balancer) stops sending new calls."""
+        if self._health is not None:
+            await self._health.enter_graceful_shutdown()
+
     async def stop(self) -> None:
-        """Health turns NOT_SERVING first (load balancers drain), then RPCs get the grace period."""
+        """Drains first, then in-flight RPCs get the grace period, then clients close."""
         if self._server is not None:
-            if self._health is not None:
-                await self._health.enter_graceful_shutdown()
+            await self.begin_draining()
             await self._server.stop(self.settings.shutdown_grace_seconds)
             self._server = None
         await self._stack.aclose()

@@ -17,7 +17,7 @@ from server.app import ModelServiceApp
 from server.core.models import Tier
 from server.embedded.envoy import EnvoyEndpoints, envoy_proxy
 from server.embedded.processes import free_port
-from tests.conftest import TEST_PART_BYTES, TEST_PARTS_IN_FLIGHT, Tenant, make_tenant
+from tests.conftest import TEST_PART_BYTES, TEST_PARTS_IN_FLIGHT, Tenant, make_tenant, wait_until_routing
 from tests.support import model_files
 from tests.support.openapi import schema_errors
 from tests.support.uploads import build_model_archive, upload_model
@@ -264,3 +264,26 @@ async def test_native_grpc_works_through_the_same_envoy_port(
         model_id = await upload_model(through_envoy, tenant.namespace_id, tmp_path, "onnx")
         got = await through_envoy.get_model(tenant.namespace_id, model_id)
     assert got.model.model_format == "onnx"
+
+
+async def test_envoy_stops_routing_to_a_draining_replica(
+    app: ModelServiceApp, http: aiohttp.ClientSession, tenant: Tenant, tmp_path: Path
+) -> None:
+    async with ModelServiceApp(app.settings) as replica:
+        with envoy_proxy(tmp_path / "envoy", backend_host="127.0.0.1", backend_port=replica.port) as edge:
+            await wait_until_routing(edge)
+            url = f"{edge.base_url}/v1/namespaces/{tenant.namespace_id}/models/none"
+            async with http.get(url, headers=_headers(tenant)) as response:
+                assert response.status == 404  # served by the replica
+
+            await replica.begin_draining()
+
+            for _ in range(100):  # the health check runs every 2 s
+                async with http.get(url, headers=_headers(tenant)) as response:
+                    if response.status == 503:
+                        body = await _json(response)
+                        break
+                await asyncio.sleep(0.1)
+            else:
+                pytest.fail("Envoy kept routing to a replica whose health is NOT_SERVING")
+    assert body["error"]["code"] == "no_healthy_upstream" and body["status"] == 503

@@ -8,11 +8,10 @@ archive with its metadata in query parameters.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import AsyncIterator
 
 from modelservice.v1 import model_service_pb2 as pb
-
-import dataclasses
 
 from server.api.converters import declaration_from_request
 from server.api.multipart import FormReader, is_multipart
@@ -36,17 +35,17 @@ async def split_upload_stream(
     return declaration, _archive_bytes(first, requests)
 
 
-_NUMERIC_FIELDS = {"num_cpus": float, "num_gpus": float, "memory_gb": float}
+_NUMERIC_FIELDS = ("num_cpus", "num_gpus", "memory_gb")
 _TEXT_FIELDS = ("name", "version", "model_format", "framework", "task_type", "expected_sha256")
 
 
 def _with_form_fields(declaration: UploadDeclaration, fields: dict[str, str]) -> UploadDeclaration:
     """Form fields complete the declaration; the namespace always comes from the path."""
     changes: dict[str, object] = {name: fields[name].strip() for name in _TEXT_FIELDS if name in fields}
-    for name, parse in _NUMERIC_FIELDS.items():
+    for name in _NUMERIC_FIELDS:
         if fields.get(name, "").strip():
             try:
-                changes[name] = parse(fields[name])
+                changes[name] = float(fields[name])
             except ValueError:
                 raise InvalidArgument(f"{name} must be a number", field=name) from None
     return dataclasses.replace(declaration, **changes)  # type: ignore[arg-type]

@@ -14,6 +14,8 @@ import posixpath
 from dataclasses import dataclass, field
 from typing import NoReturn
 
+import numpy as np
+
 from server.archives.tar_stream import TarMember
 from server.core.models import ModelFormat
 from server.errors import InvalidArchive
@@ -26,13 +28,17 @@ MAX_SAFETENSORS_HEADER = 16 * 1024 * 1024
 MAX_CONFIG_BYTES = 1024 * 1024
 _HEAD_BYTES = 64
 
-#: Bytes per element of every safetensors dtype.
-SAFETENSORS_DTYPE_BYTES = {
-    "BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1,
-    "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
-    "I32": 4, "U32": 4, "F32": 4,
-    "I64": 8, "U64": 8, "F64": 8,
+#: numpy dtype of each safetensors dtype (little-endian), and the name of the real dtype
+#: for those numpy lacks (kept as same-width integer bit views).
+SAFETENSORS_NUMPY_DTYPES: dict[str, tuple[str, str | None]] = {
+    "BOOL": ("?", None), "U8": ("u1", None), "I8": ("i1", None),
+    "U16": ("<u2", None), "I16": ("<i2", None), "F16": ("<f2", None),
+    "U32": ("<u4", None), "I32": ("<i4", None), "F32": ("<f4", None),
+    "U64": ("<u8", None), "I64": ("<i8", None), "F64": ("<f8", None),
+    "BF16": ("<i2", "bfloat16"), "F8_E4M3": ("u1", "float8_e4m3fn"), "F8_E5M2": ("u1", "float8_e5m2"),
 }
+#: Bytes per element of every safetensors dtype.
+SAFETENSORS_DTYPE_BYTES = {name: np.dtype(spec[0]).itemsize for name, spec in SAFETENSORS_NUMPY_DTYPES.items()}
 
 _ZIP_MAGIC = b"PK\x03\x04"
 _PICKLE_PROTOCOL_MARK = 0x80

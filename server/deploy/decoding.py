@@ -15,8 +15,17 @@ from typing import Any
 import numpy as np
 
 from modelservice_sdk.model import BIT_VIEW_DTYPES, NamespaceModel
-from server.archives.formats import HF_CONFIG, ONNX_SUFFIX, SAFETENSORS_SUFFIX, TORCH_SUFFIXES
+from server.archives.formats import (
+    HF_CONFIG,
+    MAX_SAFETENSORS_HEADER,
+    ONNX_SUFFIX,
+    SAFETENSORS_NUMPY_DTYPES,
+    SAFETENSORS_SUFFIX,
+    TORCH_SUFFIXES,
+    validate_safetensors_header,
+)
 from server.core.models import ModelFormat
+from server.errors import InvalidArchive
 
 MAX_COMPANION_FILE_BYTES = 16 * 1024 * 1024
 
@@ -69,18 +78,45 @@ def _put(model: NamespaceModel, name: str, tensor: Any) -> None:
 
 
 def _load_safetensors(model: NamespaceModel, paths: list[Path], root: Path) -> None:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
+    """Maps each tensor straight from the file (np.memmap): the only copy of the weights
+    is the one Ray makes into its object store."""
     if not paths:
         raise DecodeError("FORMAT_FILE_MISSING", "the archive holds no .safetensors file")
     for path in paths:
+        relative = str(path.relative_to(root))
+        size = path.stat().st_size
+        with path.open("rb") as handle:
+            prefix = handle.read(8)
+            header_length = int.from_bytes(prefix, "little") if len(prefix) == 8 else 0
+            if header_length > MAX_SAFETENSORS_HEADER:
+                raise DecodeError("CORRUPT_WEIGHTS", f"{relative}: the header is implausibly large")
+            head = prefix + handle.read(header_length)
         try:
-            tensors = load_file(str(path))
-        except (SafetensorError, OSError, ValueError) as error:
-            raise DecodeError("CORRUPT_WEIGHTS", f"{path.relative_to(root)}: {error}") from None
-        for name, tensor in tensors.items():
-            _put(model, name, tensor)
+            header = validate_safetensors_header(relative, head, size)
+        except InvalidArchive as error:
+            raise DecodeError("CORRUPT_WEIGHTS", error.message) from None
+        data_start = 8 + header_length
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            assert isinstance(info, dict)  # validated above
+            numpy_dtype, real_dtype = SAFETENSORS_NUMPY_DTYPES[info["dtype"]]
+            shape = tuple(info["shape"])
+            begin, end = info["data_offsets"]
+            if name in model.tensors:
+                raise DecodeError("DUPLICATE_TENSOR", f"tensor {name!r} appears in more than one weights file")
+            if end > begin and shape:
+                # A plain ndarray view of the mapping (not the memmap subclass, which Ray
+                # would hand back to readers as a writable copy).
+                mapped = np.memmap(path, dtype=numpy_dtype, mode="r", offset=data_start + begin, shape=shape)
+                array: np.ndarray = mapped.view(np.ndarray)
+            else:  # scalars and empty tensors: np.memmap cannot map zero bytes or shape ()
+                with path.open("rb") as handle:
+                    handle.seek(data_start + begin)
+                    array = np.frombuffer(handle.read(end - begin), dtype=numpy_dtype).reshape(shape)
+            model.tensors[name] = array
+            if real_dtype is not None:
+                model.tensor_dtypes[name] = real_dtype
 
 
 def _load_onnx(model: NamespaceModel, path: Path) -> None:

@@ -1,6 +1,6 @@
-"""Streams an archive from the store to a scratch directory, hashing it on the way.
+"""Streams an archive from the store into a scratch directory, hashing it on the way.
 
-Runs inside a Ray task. The same tar reader and inflaters as upload inspection are used,
+Runs inside a Ray task; one pass over the bytes, no copy of the archive on disk. The same tar reader and inflaters as upload inspection are used,
 so the same hostile-archive rules apply (no links, no absolute paths, no `..`).
 """
 
@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
 from server.archives.compression import SNIFF_BYTES, Inflater, detect_compression, make_inflater
 from server.archives.tar_stream import MemberHandler, TarMember, TarStreamReader
 from server.deploy.specs import LOCAL_STORE, StoreConfig
+from server.errors import InvalidArchive
 
 READ_CHUNK = 8 * 1024 * 1024
 
@@ -59,6 +61,14 @@ class _DiskWriter(MemberHandler):
             self._handle = None
 
 
+@dataclass(frozen=True)
+class Extraction:
+    sha256: str
+    """Digest of every byte read, whether or not the archive could be unpacked."""
+    error: InvalidArchive | None
+    """Why unpacking stopped early, if it did (the caller decides what that means)."""
+
+
 def extract_archive(
     chunks: Iterator[bytes],
     destination: Path,
@@ -66,8 +76,12 @@ def extract_archive(
     max_unpacked_bytes: int,
     max_members: int,
     on_progress: Callable[[int], None],
-) -> str:
-    """Extracts the archive into `destination` and returns the sha256 of its bytes."""
+) -> Extraction:
+    """Unpacks the archive into `destination` while hashing it, in one pass.
+
+    An archive that cannot be unpacked is still read and hashed to its end, so that a
+    tampered archive is reported as a digest mismatch rather than as a parse error.
+    """
     digest = hashlib.sha256()
     unpacked = 0
 
@@ -75,7 +89,7 @@ def extract_archive(
         nonlocal unpacked
         unpacked += size
         if unpacked > max_unpacked_bytes:
-            raise ValueError(f"the archive unpacks to more than {max_unpacked_bytes} bytes")
+            raise InvalidArchive(f"the archive unpacks to more than {max_unpacked_bytes} bytes", check="unpacked_size")
 
     reader = TarStreamReader(
         _DiskWriter(destination), max_members=max_members, max_member_bytes=max_unpacked_bytes,
@@ -83,24 +97,33 @@ def extract_archive(
     )
     inflater: Inflater | None = None
     head = bytearray()
+    error: InvalidArchive | None = None
     done = 0
     for chunk in chunks:
         digest.update(chunk)
         done += len(chunk)
-        if inflater is None:
-            head += chunk
-            if len(head) < SNIFF_BYTES:
-                continue
-            inflater = make_inflater(detect_compression(bytes(head)), reader.feed)
-            inflater.feed(bytes(head))
-            head.clear()
-        else:
-            inflater.feed(chunk)
         on_progress(done)
-    if inflater is None:
-        inflater = make_inflater(detect_compression(bytes(head)), reader.feed)
-        inflater.feed(bytes(head))
-    inflater.finish()
-    reader.finish()
-    on_progress(done)
-    return digest.hexdigest()
+        if error is not None:
+            continue
+        try:
+            if inflater is None:
+                head += chunk
+                if len(head) < SNIFF_BYTES:
+                    continue
+                inflater = make_inflater(detect_compression(bytes(head)), reader.feed)
+                inflater.feed(bytes(head))
+                head.clear()
+            else:
+                inflater.feed(chunk)
+        except InvalidArchive as failure:
+            error = failure
+    if error is None:
+        try:
+            if inflater is None:
+                inflater = make_inflater(detect_compression(bytes(head)), reader.feed)
+                inflater.feed(bytes(head))
+            inflater.finish()
+            reader.finish()
+        except InvalidArchive as failure:
+            error = failure
+    return Extraction(sha256=digest.hexdigest(), error=error)

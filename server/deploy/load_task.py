@@ -1,14 +1,14 @@
 """The load of one model, run as a Ray task with the model's resource requirements.
 
-Stages, each reported to the model cache as it starts: downloading (with bytes done and
-total) → verifying (sha256 against the digest recorded at upload; nothing is parsed
-before it matches) → decoding (by format, into numpy) → caching (the task returns the
-weights, which Ray stores once in the object store, owned by the cache actor).
+Stages, each reported to the model cache as it starts: downloading (streamed from the
+store, hashed and unpacked in one pass, with bytes done and total) → verifying (sha256
+against the digest recorded at upload; no model file is decoded before it matches) →
+decoding (by format, into numpy) → caching (the task returns the weights, which Ray
+stores once in the object store, owned by the cache actor).
 """
 
 from __future__ import annotations
 
-import hashlib
 import shutil
 import tempfile
 import time
@@ -35,27 +35,26 @@ def run_load(spec: LoadSpec, report: Reporter, node_id: str = "") -> tuple[Names
     stage = DOWNLOAD
     scratch = Path(tempfile.mkdtemp(prefix=f"modelservice-load-{spec.model_id}-", dir=spec.scratch_dir or None))
     try:
-        archive = scratch / "archive"
+        extracted = scratch / "model"
+        extracted.mkdir()
         report({"state": "downloading", "bytes_done": 0, "bytes_total": spec.size_bytes})
-        sha256 = _download(spec, archive, report)
+        extraction = extract_archive(
+            read_archive(spec.store, spec.archive_key), extracted,
+            max_unpacked_bytes=spec.max_unpacked_bytes, max_members=spec.max_members,
+            on_progress=_throttled_progress(report, spec.size_bytes),
+        )
         stage = VERIFY
         report({"state": "verifying", "bytes_done": spec.size_bytes, "bytes_total": spec.size_bytes})
-        if sha256 != spec.sha256:
+        if extraction.sha256 != spec.sha256:
             return None, _failed(
                 node_id, started, VERIFY, "CHECKSUM_MISMATCH",
-                f"the stored archive hashes to {sha256}, not to {spec.sha256} recorded at upload",
+                f"the stored archive hashes to {extraction.sha256}, not to {spec.sha256} recorded at upload",
             )
         stage = DECODE
         report({"state": "decoding"})
-        extracted = scratch / "model"
-        extracted.mkdir()
-        with archive.open("rb") as handle:
-            extract_archive(
-                iter(lambda: handle.read(8 * 1024 * 1024), b""), extracted,
-                max_unpacked_bytes=spec.max_unpacked_bytes, max_members=spec.max_members,
-                on_progress=lambda _: None,
-            )
-        model = decode_model(extracted, spec.model_id, spec.model_format, sha256)
+        if extraction.error is not None:
+            raise extraction.error
+        model = decode_model(extracted, spec.model_id, spec.model_format, extraction.sha256)
         stage = CACHE
         report({"state": "caching", "message": f"{len(model.tensors)} tensors, {model.nbytes} bytes"})
         summary = LoadSummary(ok=True, node_id=node_id, nbytes=model.nbytes, seconds=time.monotonic() - started)
@@ -70,20 +69,17 @@ def run_load(spec: LoadSpec, report: Reporter, node_id: str = "") -> tuple[Names
         shutil.rmtree(scratch, ignore_errors=True)
 
 
-def _download(spec: LoadSpec, target: Path, report: Reporter) -> str:
-    digest = hashlib.sha256()
-    done = 0
+def _throttled_progress(report: Reporter, total: int) -> Callable[[int], None]:
     last_report = time.monotonic()
-    with target.open("wb") as handle:
-        for chunk in read_archive(spec.store, spec.archive_key):
-            digest.update(chunk)
-            handle.write(chunk)
-            done += len(chunk)
-            now = time.monotonic()
-            if now - last_report >= PROGRESS_INTERVAL_SECONDS:
-                report({"state": "downloading", "bytes_done": done, "bytes_total": spec.size_bytes})
-                last_report = now
-    return digest.hexdigest()
+
+    def progress(done: int) -> None:
+        nonlocal last_report
+        now = time.monotonic()
+        if now - last_report >= PROGRESS_INTERVAL_SECONDS:
+            report({"state": "downloading", "bytes_done": done, "bytes_total": total})
+            last_report = now
+
+    return progress
 
 
 def _failed(node_id: str, started: float, stage: str, reason: str, message: str) -> LoadSummary:

@@ -62,6 +62,16 @@ def _wait_for_port(process: subprocess.Popen[bytes], host: str, port: int, timeo
     raise TimeoutError(f"{process.args!r} did not listen on {host}:{port} within {timeout}s; see {log}")
 
 
+def _die_with_parent() -> None:
+    """Runs in the child before exec: the kernel sends it SIGTERM if its parent dies, so
+    an owned server never outlives an owner that was SIGKILLed (Linux only)."""
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+
 def stop_process(process: subprocess.Popen[bytes], grace_seconds: float = 10.0) -> None:
     if process.poll() is not None:
         return
@@ -85,12 +95,17 @@ def running_process(
     env: dict[str, str] | None = None,
     startup_timeout: float = 30.0,
 ) -> Iterator[RunningProcess]:
-    """Starts `command` in its own process group and waits until it listens on `port`."""
+    """Starts `command` in its own process group and waits until it listens on `port`.
+
+    The process belongs to the caller: it is stopped when the context ends, and the kernel
+    stops it if the caller dies without cleaning up.
+    """
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with log_path.open("ab") as log:
         process = subprocess.Popen(
             list(command), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             start_new_session=True, env=env,
+            preexec_fn=_die_with_parent if sys.platform == "linux" else None,
         )
     try:
         _wait_for_port(process, host, port, startup_timeout, log_path)
