@@ -53,9 +53,12 @@ async def bootstrap_dev_tenant(app: ModelServiceApp) -> str:
 async def serve(settings: Settings) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
     async with ModelServiceApp(settings) as app, contextlib.AsyncExitStack() as gateway_stack:
+        # Installed after the app started, on purpose: connecting to Ray installs a native
+        # SIGTERM handler that aborts the process 3 s after the signal, which would cut the
+        # drain short. These handlers replace it.
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stop.set)
         key = await bootstrap_dev_tenant(app)
         rest = "disabled (MODELSERVICE_REST_GATEWAY=false)"
         if settings.rest_gateway:

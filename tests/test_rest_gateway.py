@@ -221,6 +221,12 @@ async def test_error_statuses_and_bodies_have_the_public_shape(
         assert response.status == 400
         _assert_error(body, 400, "invalid_argument")
         assert body["error"]["details"]["field"] == "model_format"
+    file_first = aiohttp.FormData()
+    file_first.add_field("file", archive.open("rb"), filename=archive.name)
+    file_first.add_field("name", "late")
+    async with http.post(base, data=file_first, headers=_headers(tenant)) as response:
+        body = await _json(response)
+        assert response.status == 400 and "before the file" in body["error"]["message"]
     async with http.get(f"{base}/x?no_such_parameter=1", headers=_headers(tenant)) as response:
         assert response.status == 400
         body = await _json(response)

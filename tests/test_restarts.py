@@ -129,10 +129,12 @@ async def test_graceful_shutdown_lets_an_in_flight_upload_finish(
 
             async def slow_upload() -> AsyncIterator[pb.UploadModelRequest]:
                 yield upload_header(upload_fields(service.namespace_id, "safetensors"))
-                for offset in range(0, len(data), 64):  # about one second in all
+                # About 5 s in all: longer than any abort timer a library may arm on SIGTERM,
+                # shorter than the service's grace period (8 s).
+                for offset in range(0, len(data), 64):
                     yield pb.UploadModelRequest(chunk=data[offset : offset + 64])
                     started.set()
-                    await asyncio.sleep(1 / (len(data) / 64))
+                    await asyncio.sleep(5 / (len(data) / 64))
 
             upload = asyncio.create_task(client.upload_stream(slow_upload()))
             await started.wait()

@@ -349,3 +349,14 @@ def _mongo_client(app: ModelServiceApp) -> Any:
     from pymongo import AsyncMongoClient
 
     return AsyncMongoClient(app.mongodb_uri, tz_aware=True)
+
+
+async def test_reflection_lists_the_service_for_generic_grpc_clients(app: ModelServiceApp) -> None:
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    async with grpc.aio.insecure_channel(app.address) as channel:
+        stub: Any = reflection_pb2_grpc.ServerReflectionStub(channel)  # type: ignore[arg-type]  # aio channel
+        request = reflection_pb2.ServerReflectionRequest(list_services="")
+        responses = [r async for r in stub.ServerReflectionInfo(iter([request]))]
+    names = {service.name for service in responses[0].list_services_response.service}
+    assert {"modelservice.v1.ModelService", "grpc.health.v1.Health"} <= names

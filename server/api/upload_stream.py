@@ -39,8 +39,18 @@ _NUMERIC_FIELDS = ("num_cpus", "num_gpus", "memory_gb")
 _TEXT_FIELDS = ("name", "version", "model_format", "framework", "task_type", "expected_sha256")
 
 
+_REQUIRED_FIELDS = ("name", "version", "model_format")
+
+
 def _with_form_fields(declaration: UploadDeclaration, fields: dict[str, str]) -> UploadDeclaration:
     """Form fields complete the declaration; the namespace always comes from the path."""
+    missing = [name for name in _REQUIRED_FIELDS if name not in fields and not getattr(declaration, name)]
+    if missing:
+        raise InvalidArgument(
+            f"the form reached its 'file' part without {', '.join(missing)}: send the fields before "
+            "the file (with curl, put -F file=@... last)",
+            field=missing[0],
+        )
     changes: dict[str, object] = {name: fields[name].strip() for name in _TEXT_FIELDS if name in fields}
     for name in _NUMERIC_FIELDS:
         if fields.get(name, "").strip():

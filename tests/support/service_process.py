@@ -50,7 +50,7 @@ def service_environment(settings: Settings, data_dir: Path, ray_address: str) ->
         MODELSERVICE_RAY_ADDRESS=ray_address,
         MODELSERVICE_DATA_DIR=str(data_dir),
         MODELSERVICE_WATCH_POLL_SECONDS="0.05",
-        MODELSERVICE_SHUTDOWN_GRACE_SECONDS="2",
+        MODELSERVICE_SHUTDOWN_GRACE_SECONDS="8",
         MODELSERVICE_REST_GATEWAY="false",  # gRPC is all these tests use
     )
     return environment
