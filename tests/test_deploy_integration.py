@@ -24,6 +24,7 @@ from server.app import ModelServiceApp
 from server.deploy.cache_actor import CACHE_NAMESPACE
 from tests.conftest import Tenant, make_tenant
 from tests.support import model_files
+from tests.support.ray_load import hold_one_cpu
 from tests.support.uploads import FORMATS, upload_fields, upload_model
 
 pytestmark = pytest.mark.integration
@@ -275,11 +276,10 @@ async def test_a_watcher_on_a_second_service_instance_follows_a_deployment_start
 
 
 async def test_an_idle_watch_stream_gets_heartbeats(app: ModelServiceApp, client: ModelServiceClient, tenant: Tenant, tmp_path: Path) -> None:
-    # A model asking for more memory than the cluster... fails fast; instead hold a load
-    # back by occupying the cluster's CPUs so that the deployment sits queued.
+    # The model needs all 4 CPUs of the test cluster and one is held: the deployment sits
+    # queued, and the watch stream is idle.
     model_id = await upload_model(client, tenant.namespace_id, tmp_path, "safetensors", num_cpus=4.0)
-    blockers = [_occupy_cpus.remote(3.0) for _ in range(1)]
-    await asyncio.sleep(0.5)
+    blocker = await hold_one_cpu(3.0, tmp_path)
     pending = await client.deploy_model(tenant.namespace_id, model_id, wait=False)
     seen: list[str] = []
     async for event in client.watch_deployment(tenant.namespace_id, model_id, task_id=pending.task_id):
@@ -287,16 +287,9 @@ async def test_an_idle_watch_stream_gets_heartbeats(app: ModelServiceApp, client
         if event.state == "heartbeat":
             break
     assert seen[0] == "queued" and "heartbeat" in seen
-    await asyncio.gather(*blockers)
+    await blocker
     final = [e async for e in client.watch_deployment(tenant.namespace_id, model_id, task_id=pending.task_id, after_sequence=1)]
     assert final[-1].state == "deployed"
-
-
-@ray.remote(num_cpus=1)
-def _occupy_cpus(seconds: float) -> None:
-    import time
-
-    time.sleep(seconds)
 
 
 async def _replace_stored_archive(app: ModelServiceApp, namespace_id: str, model_id: str, data: bytes) -> None:

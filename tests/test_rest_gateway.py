@@ -10,7 +10,6 @@ from typing import Any
 
 import aiohttp
 import pytest
-import ray
 
 from modelservice_sdk.client import ModelServiceClient, file_sha256
 from server.app import ModelServiceApp
@@ -20,6 +19,7 @@ from server.embedded.processes import free_port
 from tests.conftest import TEST_PART_BYTES, TEST_PARTS_IN_FLIGHT, Tenant, make_tenant, wait_until_routing
 from tests.support import model_files
 from tests.support.openapi import schema_errors
+from tests.support.ray_load import hold_one_cpu
 from tests.support.uploads import build_model_archive, upload_model
 
 pytestmark = pytest.mark.integration
@@ -137,13 +137,6 @@ async def test_a_multipart_upload_many_times_the_buffer_budget_streams_with_boun
     assert 0 < stats.peak_buffered_bytes <= budget
 
 
-@ray.remote(num_cpus=1)
-def _hold_cpu(seconds: float) -> None:
-    import time
-
-    time.sleep(seconds)
-
-
 @pytest.mark.parametrize(("accept", "framing"), [("text/event-stream", "sse"), ("application/json", "ndjson")])
 async def test_watch_streams_events_as_they_happen(
     app: ModelServiceApp, gateway: EnvoyEndpoints, http: aiohttp.ClientSession, client: ModelServiceClient,
@@ -152,8 +145,7 @@ async def test_watch_streams_events_as_they_happen(
     # The model needs all 4 CPUs of the test cluster; one is held for a few seconds, so the
     # deployment sits queued while the watcher must already have its first event.
     model_id = await upload_model(client, tenant.namespace_id, tmp_path, "safetensors", num_cpus=4.0)
-    holder = _hold_cpu.remote(4.0)
-    await asyncio.sleep(0.5)
+    holder = await hold_one_cpu(4.0, tmp_path)
     pending = await client.deploy_model(tenant.namespace_id, model_id, wait=False)
     url = f"{gateway.base_url}/v1/namespaces/{tenant.namespace_id}/models/{model_id}/deployment/watch"
 
