@@ -1,10 +1,12 @@
 """Upload throughput of the streaming pipeline, against a baseline measured in the same run.
 
-    python bench/upload_throughput.py [--mib 512]
+    python -m bench.upload_throughput [--mib 512] [--repeat 3]
 
-Uploads one .tar archive of float32 safetensors weights over gRPC (1 MiB chunks) into the
-local archive store. Baseline: sha256 of the same file read from disk (the unavoidable
-work per byte). Reports MiB/s for both and their ratio; writes bench/results/upload_throughput.json.
+Uploads one .tar archive of float32 safetensors weights into the local archive store, from
+a client in its own process: over gRPC straight to the service (1 MiB chunks), and over
+REST as the public multipart form through Envoy. Baseline: sha256 of the same file read
+from disk (the unavoidable work per byte). Reports MiB/s and the ratios; writes
+bench/results/upload_throughput.json.
 """
 
 from __future__ import annotations
@@ -12,13 +14,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import hashlib
+import json
+import sys
 import tarfile
 import tempfile
-import time
 from pathlib import Path
 
 from bench.harness import bench_service, median, timed, write_result, write_weights
-from modelservice_sdk.client import ModelServiceClient, UploadFields
+from server.embedded.envoy import envoy_proxy
 
 MIB = 1024 * 1024
 
@@ -39,30 +42,45 @@ async def main(size_mib: int, repeat: int) -> None:
             tar.add(weights, arcname="model/model.safetensors")
         size = archive.stat().st_size
         baseline = median(timed(lambda: _sha256_file(archive), repeat))
+        samples: dict[str, list[float]] = {"grpc": [], "rest": []}
         async with bench_service(work) as (app, namespace, key):
-            async with ModelServiceClient(app.address, key) as client:
-                samples = []
+            with envoy_proxy(work / "envoy", backend_host="127.0.0.1", backend_port=app.port) as gateway:
+                await asyncio.sleep(3)  # Envoy's first health check
                 for attempt in range(repeat):
-                    fields = UploadFields(namespace, "bench", f"v{attempt}", "safetensors")
-                    started = time.perf_counter()
-                    await client.upload_file(archive, fields)
-                    samples.append(time.perf_counter() - started)
-                peak = max(s.peak_buffered_bytes for s in app.uploads.recent_uploads)
-        upload = median(samples)
+                    samples["grpc"].append(await _client(["grpc", app.address, key, namespace, str(archive), f"g{attempt}"]))
+                    samples["rest"].append(
+                        await _client(["rest", gateway.grpc_address, key, namespace, str(archive), f"r{attempt}"])
+                    )
+            peak = max(s.peak_buffered_bytes for s in app.uploads.recent_uploads)
+        grpc_seconds, rest_seconds = median(samples["grpc"]), median(samples["rest"])
         write_result(
             "upload_throughput",
             {
                 "archive_bytes": size,
                 "repeat": repeat,
-                "upload_seconds_median": upload,
-                "upload_mib_per_s": size / MIB / upload,
+                "store": "local directory",
+                "grpc_seconds_median": grpc_seconds,
+                "grpc_mib_per_s": size / MIB / grpc_seconds,
+                "rest_multipart_via_envoy_seconds_median": rest_seconds,
+                "rest_multipart_via_envoy_mib_per_s": size / MIB / rest_seconds,
                 "baseline_sha256_seconds_median": baseline,
                 "baseline_sha256_mib_per_s": size / MIB / baseline,
-                "upload_vs_sha256_ratio": upload / baseline,
+                "grpc_vs_sha256_ratio": grpc_seconds / baseline,
+                "rest_vs_grpc_ratio": rest_seconds / grpc_seconds,
                 "peak_buffered_bytes": peak,
-                "store": "local directory",
             },
         )
+
+
+async def _client(arguments: list[str]) -> float:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "bench.upload_client", *arguments, stdout=asyncio.subprocess.PIPE
+    )
+    out, _ = await process.communicate()
+    if process.returncode != 0:
+        raise RuntimeError(f"upload client failed ({process.returncode})")
+    seconds: float = json.loads(out)["seconds"]
+    return seconds
 
 
 if __name__ == "__main__":
