@@ -5,6 +5,9 @@
     modelservice deploy <model_id> --namespace dev [--no-wait]
     modelservice watch <model_id> --namespace dev
     modelservice tasks --namespace dev (--task <task_id> | --model <model_id>)
+    modelservice list --namespace dev
+    modelservice undeploy <model_id> --namespace dev
+    modelservice delete <model_id> --namespace dev
 
 Connection: --address / MODELSERVICE_ADDRESS (default 127.0.0.1:50051; an Envoy port works
 too) and --api-key / MODELSERVICE_API_KEY. Human output by default; --json prints the
@@ -101,6 +104,13 @@ def _parser() -> argparse.ArgumentParser:
     watch.add_argument("model_id")
     watch.add_argument("--task", default="", help="a deploy task id (default: the latest)")
     watch.add_argument("--after", type=int, default=0, help="resume after this sequence number")
+    listing = commands.add_parser("list", parents=[common], help="list the namespace's models")
+    listing.add_argument("--page-size", type=int, default=0)
+    listing.add_argument("--page-token", default="")
+    undeploy = commands.add_parser("undeploy", parents=[common], help="drop a model's weights from the object store")
+    undeploy.add_argument("model_id")
+    delete = commands.add_parser("delete", parents=[common], help="delete a model, its archive and cached weights")
+    delete.add_argument("model_id")
     tasks = commands.add_parser("tasks", parents=[common], help="show a deploy task")
     which = tasks.add_mutually_exclusive_group(required=True)
     which.add_argument("--task", help="deploy task id")
@@ -124,6 +134,15 @@ async def run(arguments: argparse.Namespace, out: TextIO, err: TextIO) -> int:
             return EXIT_OK if response.success else EXIT_REFUSED
         if command == "watch":
             return await _watch(client, arguments, out)
+        if command == "list":
+            page = await client.list_models(arguments.namespace, page_size=arguments.page_size, page_token=arguments.page_token)
+            return _show(page, arguments, out, _describe_page)
+        if command == "undeploy":
+            undeployed = await client.undeploy_model(arguments.namespace, arguments.model_id)
+            return _show(undeployed, arguments, out, lambda body: str(body["message"]))
+        if command == "delete":
+            deleted = await client.delete_model(arguments.namespace, arguments.model_id)
+            return _show(deleted, arguments, out, lambda body: str(body["message"]))
         task = (
             await client.get_deploy_task(arguments.namespace, arguments.task)
             if arguments.task
@@ -186,6 +205,16 @@ def _describe_model(body: dict[str, Any]) -> str:
     if info:
         lines.append(f"  load with   {info['endpoint']} on {info['ray_cluster_url']} (since {info.get('deployed_at', '?')})")
     return "\n".join(lines)
+
+
+def _describe_page(body: dict[str, Any]) -> str:
+    lines = [
+        f"{m['model_id']}  {m['name']}:{m['version']}  {m['model_format']:<11} {m['deployment_status']}"
+        for m in body["models"]
+    ]
+    if body["next_page_token"]:
+        lines.append(f"(more: --page-token {body['next_page_token']})")
+    return "\n".join(lines) or "no models"
 
 
 def _describe_deploy(body: dict[str, Any]) -> str:

@@ -135,6 +135,21 @@ class ModelServiceClient:
         )
         return response
 
+    async def list_models(self, namespace_id: str, *, page_size: int = 0, page_token: str = "") -> pb.ListModelsResponse:
+        request = pb.ListModelsRequest(namespace_id=namespace_id, page_size=page_size, page_token=page_token)
+        response: pb.ListModelsResponse = await self._unary(self.stub.ListModels, request)
+        return response
+
+    async def delete_model(self, namespace_id: str, model_id: str) -> pb.DeleteModelResponse:
+        request = pb.DeleteModelRequest(namespace_id=namespace_id, model_id=model_id)
+        response: pb.DeleteModelResponse = await self._unary(self.stub.DeleteModel, request)
+        return response
+
+    async def undeploy_model(self, namespace_id: str, model_id: str) -> pb.UndeployModelResponse:
+        request = pb.UndeployModelRequest(namespace_id=namespace_id, model_id=model_id)
+        response: pb.UndeployModelResponse = await self._unary(self.stub.UndeployModel, request)
+        return response
+
     async def deploy_model(self, namespace_id: str, model_id: str, *, wait: bool = True) -> pb.DeployModelResponse:
         request = pb.DeployModelRequest(namespace_id=namespace_id, model_id=model_id, wait=wait)
         response: pb.DeployModelResponse = await self._unary(self.stub.DeployModel, request)

@@ -25,6 +25,7 @@ from server.api.servicer import ModelServiceServicer
 from server.archives.inspector import InspectionLimits
 from server.archives.stores import ArchiveStore, LocalArchiveStore, S3ArchiveStore
 from server.core.catalog import ModelCatalog
+from server.core.deletion import DeletionService
 from server.core.deployments import DeploymentService, WatchTiming
 from server.core.tenancy import TenancyService
 from server.core.uploads import UploadJanitor, UploadLimits, UploadService
@@ -54,6 +55,7 @@ class ModelServiceApp:
         self.tenancy: TenancyService
         self.uploads: UploadService
         self.catalog: ModelCatalog
+        self.deletions: DeletionService
         self.deployments: DeploymentService
         self.cluster: RayModelCluster
         self.janitor: UploadJanitor
@@ -103,12 +105,12 @@ class ModelServiceApp:
                 lease_seconds=settings.upload_lease_seconds,
             ),
         )
-        self.janitor = UploadJanitor(models, self.store, settings.upload_lease_seconds)
-        janitor_task = asyncio.create_task(self.janitor.run_forever(settings.janitor_interval_seconds))
-        self._stack.push_async_callback(_cancel, janitor_task)
-
         self.cluster = await self._start_cluster()
         self.catalog = ModelCatalog(self.tenancy, models)
+        self.deletions = DeletionService(self.catalog, models, self.store, self.cluster)
+        self.janitor = UploadJanitor(models, self.store, self.deletions, settings.upload_lease_seconds)
+        janitor_task = asyncio.create_task(self.janitor.run_forever(settings.janitor_interval_seconds))
+        self._stack.push_async_callback(_cancel, janitor_task)
         self.deployments = DeploymentService(
             self.tenancy,
             self.catalog,
@@ -117,7 +119,7 @@ class ModelServiceApp:
             WatchTiming(poll_seconds=settings.watch_poll_seconds, heartbeat_seconds=settings.watch_heartbeat_seconds),
         )
 
-        await self._start_grpc(ModelServiceServicer(self.uploads, self.catalog, self.deployments))
+        await self._start_grpc(ModelServiceServicer(self.uploads, self.catalog, self.deployments, self.deletions))
 
     async def _start_cluster(self) -> RayModelCluster:
         settings = self.settings

@@ -97,6 +97,13 @@ class UploadIncomplete(ModelServiceError):
     kind = ErrorKind.INVALID_INPUT
 
 
+class ModelDeploying(ModelServiceError):
+    """The model is being loaded; it cannot be undeployed or deleted until that ends."""
+
+    reason = "MODEL_DEPLOYING"
+    kind = ErrorKind.FAILED_PRECONDITION
+
+
 class ShuttingDown(ModelServiceError):
     reason = "SHUTTING_DOWN"
     kind = ErrorKind.UNAVAILABLE

@@ -70,6 +70,13 @@ async def test_upload_with_progress_then_deploy_watch_get_and_tasks(
     again = await cli(app.address, tenant.api_key, "deploy", model_id, *ns)
     assert again.code == 0 and "already cached" in again.out
 
+    listed = await cli(app.address, tenant.api_key, "list", *ns)
+    assert listed.code == 0 and model_id in listed.out and "deployed" in listed.out
+    undeployed = await cli(app.address, tenant.api_key, "undeploy", model_id, *ns)
+    deleted = await cli(app.address, tenant.api_key, "delete", model_id, *ns, "--json")
+    assert undeployed.code == 0 and "left the Ray object store" in undeployed.out
+    assert deleted.code == 0 and json.loads(deleted.out)["model_id"] == model_id
+
 
 async def test_the_cli_works_through_envoy_too(gateway: EnvoyEndpoints, tenant: Tenant, tmp_path: Path) -> None:
     archive = build_model_archive(tmp_path, "onnx")

@@ -103,6 +103,17 @@ async def test_multipart_upload_get_and_deploy_match_the_public_api(
     assert task == status
     assert (task["state"], task["task_type"], task["model_id"], task["is_async"]) == ("COMPLETED", "DEPLOY_MODEL", model_id, False)
 
+    async with http.get(models_url, params={"page_size": "10"}, headers=_headers(tenant)) as response:
+        listed = await _json(response)
+    assert [m["model_id"] for m in listed["models"]] == [model_id] and listed["next_page_token"] == ""
+    assert schema_errors("get_model", "CustomModelDocument", listed["models"][0]) == []
+    async with http.post(f"{models_url}/{model_id}/undeploy", headers=_headers(tenant)) as response:
+        assert (await _json(response))["was_cached"] is True
+    async with http.delete(f"{models_url}/{model_id}", headers=_headers(tenant)) as response:
+        assert response.status == 200 and (await _json(response))["success"] is True
+    async with http.get(f"{models_url}/{model_id}", headers=_headers(tenant)) as response:
+        assert response.status == 404
+
 
 async def test_raw_archive_body_with_metadata_in_the_query_uploads(
     gateway: EnvoyEndpoints, http: aiohttp.ClientSession, tenant: Tenant, tmp_path: Path

@@ -9,7 +9,8 @@ from typing import Any
 from google.protobuf import json_format, struct_pb2, timestamp_pb2
 from modelservice.v1 import model_service_pb2 as pb
 
-from server.core.deployments import DeployOutcome
+from server.core.catalog import ModelPage
+from server.core.deployments import DeployOutcome, UndeployOutcome
 from server.core.models import DeploymentStatus, StoredModel
 from server.core.uploads import UploadResult
 from server.core.validation import UploadDeclaration
@@ -156,4 +157,29 @@ def deployment_event(event: DeploymentEvent) -> pb.DeploymentEvent:
         message=event.message,
         time=timestamp(event.time),
         terminal=event.terminal,
+    )
+
+
+def model_page(page: ModelPage) -> pb.ListModelsResponse:
+    return pb.ListModelsResponse(
+        success=True, models=[model_document(m) for m in page.models], next_page_token=page.next_page_token
+    )
+
+
+def delete_response(model: StoredModel) -> pb.DeleteModelResponse:
+    return pb.DeleteModelResponse(
+        success=True,
+        model_id=model.model_id,
+        message=f"model {model.metadata.name}:{model.metadata.version} deleted with its archive and cached weights",
+    )
+
+
+def undeploy_response(outcome: UndeployOutcome) -> pb.UndeployModelResponse:
+    return pb.UndeployModelResponse(
+        success=True,
+        model_id=outcome.model_id,
+        namespace_id=outcome.namespace_id,
+        deployment_status=DeploymentStatus.NOT_DEPLOYED.value,
+        was_cached=outcome.was_cached,
+        message=outcome.message,
     )

@@ -12,6 +12,7 @@ from modelservice.v1 import model_service_pb2_grpc as pb_grpc
 from server.api import converters
 from server.api.upload_stream import split_upload_stream
 from server.core.catalog import ModelCatalog
+from server.core.deletion import DeletionService
 from server.core.deployments import DeploymentService
 from server.core.uploads import UploadService
 
@@ -19,9 +20,16 @@ Context = grpc.aio.ServicerContext[Any, Any]
 
 
 class ModelServiceServicer(pb_grpc.ModelServiceServicer):
-    def __init__(self, uploads: UploadService, catalog: ModelCatalog, deployments: DeploymentService) -> None:
+    def __init__(
+        self,
+        uploads: UploadService,
+        catalog: ModelCatalog,
+        deployments: DeploymentService,
+        deletions: DeletionService,
+    ) -> None:
         self._uploads = uploads
         self._catalog = catalog
+        self._deletions = deletions
         self._deployments = deployments
 
     async def UploadModel(
@@ -36,6 +44,21 @@ class ModelServiceServicer(pb_grpc.ModelServiceServicer):
         token = converters.bearer_token(context.invocation_metadata())
         model = await self._catalog.get(token, request.namespace_id, request.model_id)
         return pb.GetModelResponse(success=True, model=converters.model_document(model))
+
+    async def ListModels(self, request: pb.ListModelsRequest, context: Context) -> pb.ListModelsResponse:
+        token = converters.bearer_token(context.invocation_metadata())
+        page = await self._catalog.page(token, request.namespace_id, request.page_size, request.page_token)
+        return converters.model_page(page)
+
+    async def DeleteModel(self, request: pb.DeleteModelRequest, context: Context) -> pb.DeleteModelResponse:
+        token = converters.bearer_token(context.invocation_metadata())
+        model = await self._deletions.delete(token, request.namespace_id, request.model_id)
+        return converters.delete_response(model)
+
+    async def UndeployModel(self, request: pb.UndeployModelRequest, context: Context) -> pb.UndeployModelResponse:
+        token = converters.bearer_token(context.invocation_metadata())
+        outcome = await self._deployments.undeploy(token, request.namespace_id, request.model_id)
+        return converters.undeploy_response(outcome)
 
     async def DeployModel(self, request: pb.DeployModelRequest, context: Context) -> pb.DeployModelResponse:
         token = converters.bearer_token(context.invocation_metadata())

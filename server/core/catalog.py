@@ -1,11 +1,23 @@
-"""Reading models: the one authorized lookup that GetModel and deployments share."""
+"""Reading models: the one authorized lookup that GetModel and deployments share, and listing."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from server.core.models import StoredModel
 from server.core.tenancy import TenancyService
-from server.errors import ModelNotFound
+from server.errors import InvalidArgument, ModelNotFound
 from server.persistence.mongo import ModelRepository
+
+
+DEFAULT_PAGE_SIZE = 50
+MAX_PAGE_SIZE = 500
+
+
+@dataclass(frozen=True)
+class ModelPage:
+    models: list[StoredModel]
+    next_page_token: str
 
 
 class ModelCatalog:
@@ -23,3 +35,17 @@ class ModelCatalog:
                 id=model_id, resource="model", namespace_id=namespace_id,
             )
         return model
+
+    async def page(self, bearer_token: str | None, namespace_id: str, page_size: int, page_token: str) -> ModelPage:
+        """A page of the namespace's models in id order; the token is the last id served."""
+        await self._tenancy.authorize(bearer_token, namespace_id)
+        if page_size < 0 or page_size > MAX_PAGE_SIZE:
+            raise InvalidArgument(
+                f"page_size must be between 1 and {MAX_PAGE_SIZE}", field="page_size", maximum=MAX_PAGE_SIZE
+            )
+        size = page_size or DEFAULT_PAGE_SIZE
+        # One more than asked tells whether another page follows.
+        models = await self._models.page(namespace_id, page_token, size + 1)
+        if len(models) > size:
+            return ModelPage(models[:size], models[size - 1].model_id)
+        return ModelPage(models, "")

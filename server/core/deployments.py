@@ -16,8 +16,8 @@ from typing import Protocol
 from server.core.catalog import ModelCatalog
 from server.core.models import DeploymentStatus, utc_now
 from server.core.tenancy import TenancyService
-from server.deploy.specs import DeployTicket
-from server.errors import DeployTaskNotFound
+from server.deploy.specs import LOADING, UNDEPLOYED, DeployTicket
+from server.errors import DeployTaskNotFound, ModelDeploying
 from server.persistence.deployments import COMPLETED, DeploymentEvent, DeploymentRepository, DeployTask
 
 HEARTBEAT = "heartbeat"
@@ -27,6 +27,16 @@ class ModelCluster(Protocol):
     """What the service needs from the compute cluster."""
 
     async def deploy(self, model_id: str, is_async: bool) -> DeployTicket: ...
+
+    async def undeploy(self, model_id: str) -> str: ...
+
+
+@dataclass(frozen=True)
+class UndeployOutcome:
+    model_id: str
+    namespace_id: str
+    was_cached: bool
+    message: str
 
 
 @dataclass(frozen=True)
@@ -88,6 +98,17 @@ class DeploymentService:
             model_id, namespace_id, DeploymentStatus.FAILED, False,
             f"deployment failed at {task.error}", task.task_id,
         )
+
+    async def undeploy(self, bearer_token: str | None, namespace_id: str, model_id: str) -> UndeployOutcome:
+        await self._catalog.get(bearer_token, namespace_id, model_id)
+        outcome = await self._cluster.undeploy(model_id)
+        if outcome == LOADING:
+            raise ModelDeploying(
+                f"model {model_id!r} is being deployed; undeploy it once the deployment ends", model_id=model_id
+            )
+        if outcome == UNDEPLOYED:
+            return UndeployOutcome(model_id, namespace_id, True, "the weights left the Ray object store")
+        return UndeployOutcome(model_id, namespace_id, False, "the model was not in the Ray object store")
 
     async def get_task(self, bearer_token: str | None, namespace_id: str, task_id: str) -> DeployTask:
         await self._tenancy.authorize(bearer_token, namespace_id)

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 from server.archives.inspector import ArchiveInspector, ArchiveReport, InspectionLimits
 from server.archives.stores import ArchiveStore, ArchiveWriter
+from server.core.deletion import DeletionService
 from server.core.models import ModelMetadata, StoredModel, utc_now
 from server.core.tenancy import TenancyService
 from server.core.validation import UploadDeclaration, validate_declaration
@@ -175,11 +176,15 @@ class UploadService:
 
 
 class UploadJanitor:
-    """Clears what replicas that died mid-upload left: reservations and pending uploads."""
+    """Clears what replicas that died mid-way left: reservations and pending uploads of
+    uploads, and half-done deletions."""
 
-    def __init__(self, models: ModelRepository, store: ArchiveStore, lease_seconds: float) -> None:
+    def __init__(
+        self, models: ModelRepository, store: ArchiveStore, deletions: DeletionService, lease_seconds: float
+    ) -> None:
         self._models = models
         self._store = store
+        self._deletions = deletions
         self._lease = datetime.timedelta(seconds=lease_seconds)
 
     async def sweep(self) -> int:
@@ -196,8 +201,9 @@ class UploadJanitor:
             if pending.upload_id not in live and pending.started_at < now - self._lease:
                 await self._store.abort_pending(pending.key, pending.upload_id)
                 cleared += 1
+        cleared += await self._deletions.finish_stale(self._lease)
         if cleared:
-            logger.info("janitor cleared %d stale uploads", cleared)
+            logger.info("janitor cleared %d stale uploads and deletions", cleared)
         return cleared
 
     async def run_forever(self, interval_seconds: float) -> None:

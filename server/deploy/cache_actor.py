@@ -23,7 +23,7 @@ from pymongo import AsyncMongoClient
 from modelservice_sdk.model import ModelNotAvailable
 from server.core.models import BASE_IMAGES, DeploymentInfo, DeploymentStatus, StoredModel, utc_now
 from server.deploy.load_task import remote_load
-from server.deploy.specs import CacheConfig, DeployTicket, LoadSpec, LoadSummary
+from server.deploy.specs import LOADING, NOT_CACHED, UNDEPLOYED, CacheConfig, DeployTicket, LoadSpec, LoadSummary
 from server.persistence.deployments import DeploymentEvent, DeploymentRepository
 from server.persistence.mongo import ModelRepository, database
 
@@ -134,14 +134,17 @@ class ModelCache:
         if queue is not None:
             queue.put_nowait(event)
 
-    async def evict(self, model_id: str) -> bool:
-        """Drops the cached weights (Ray frees them once no reader holds them)."""
+    async def undeploy(self, model_id: str) -> str:
+        """Drops the cached weights (Ray frees them once no reader holds them).
+
+        Returns UNDEPLOYED, NOT_CACHED, or LOADING (a load is under way: nothing changed).
+        """
+        if model_id in self._loading:
+            return LOADING
         entry = self._entries.pop(model_id, None)
-        if entry is None:
-            return False
         models, _ = await self._repositories()
         await models.set_deployment(model_id, status=DeploymentStatus.NOT_DEPLOYED, info=None, now=utc_now())
-        return True
+        return NOT_CACHED if entry is None else UNDEPLOYED
 
     async def reconcile(self) -> dict[str, int]:
         """Makes MongoDB agree with this cache: called whenever a service replica starts.

@@ -8,7 +8,9 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from server.deploy.cache_actor import CACHE_NAMESPACE, ModelCache, cache_actor_name
+from modelservice_sdk.model import ModelNotAvailable
 from server.deploy.specs import CacheConfig, DeployTicket
+from server.errors import ModelNotFound
 
 logger = logging.getLogger(__name__)
 
@@ -32,8 +34,15 @@ class RayModelCluster:
         logger.info("model cache %s reconciled: %s", self.actor_name, counts)
 
     async def deploy(self, model_id: str, is_async: bool) -> DeployTicket:
-        ticket: DeployTicket = await self._call(lambda actor: actor.deploy.remote(model_id, is_async))
+        try:
+            ticket: DeployTicket = await self._call(lambda actor: actor.deploy.remote(model_id, is_async))
+        except ModelNotAvailable as gone:  # deleted between the caller's check and the cache's
+            raise ModelNotFound(str(gone), id=model_id, resource="model") from None
         return ticket
+
+    async def undeploy(self, model_id: str) -> str:
+        outcome: str = await self._call(lambda actor: actor.undeploy.remote(model_id))
+        return outcome
 
     async def stats(self) -> dict[str, int]:
         stats: dict[str, int] = await self._call(lambda actor: actor.stats.remote())

@@ -83,3 +83,7 @@ class DeployTicket:
 
     task_id: str
     cached: bool
+
+
+UNDEPLOYED, NOT_CACHED, LOADING = "undeployed", "not_cached", "loading"
+"""Outcomes of an undeploy request to the model cache."""

@@ -32,6 +32,8 @@ Document = dict[str, Any]
 
 UPLOADING = "uploading"
 READY = "ready"
+DELETING = "deleting"
+"""Hidden from every read; the janitor finishes a deletion its replica could not."""
 
 
 def as_utc_datetime(value: Any) -> datetime.datetime:
@@ -166,6 +168,33 @@ class ModelRepository:
         """For in-cluster loaders, which address models by id alone."""
         document = await self._models.find_one({"_id": model_id, "state": READY})
         return None if document is None else model_from_document(document)
+
+    async def page(self, namespace_id: str, after_model_id: str, limit: int) -> list[StoredModel]:
+        """The namespace's models with ids after `after_model_id`, in id order."""
+        query: Document = {"namespace_id": namespace_id, "state": READY}
+        if after_model_id:
+            query["_id"] = {"$gt": after_model_id}
+        cursor = self._models.find(query).sort("_id", ASCENDING).limit(limit)
+        return [model_from_document(document) async for document in cursor]
+
+    async def mark_deleting(self, namespace_id: str, model_id: str, now: datetime.datetime) -> StoredModel | None:
+        """Hides the model from reads and deploys; None if it was not there (or not ready)."""
+        document = await self._models.find_one_and_update(
+            {"_id": model_id, "namespace_id": namespace_id, "state": READY},
+            {"$set": {"state": DELETING, "deleting_since": epoch_seconds(now)}},
+        )
+        return None if document is None else model_from_document(document)
+
+    async def restore_ready(self, model_id: str) -> None:
+        """Undoes mark_deleting when a deletion must not go on (a load is under way)."""
+        await self._models.update_one({"_id": model_id, "state": DELETING}, {"$set": {"state": READY}})
+
+    async def remove_deleted(self, model_id: str) -> None:
+        await self._models.delete_one({"_id": model_id, "state": DELETING})
+
+    async def stale_deletions(self, older_than: datetime.datetime) -> list[StoredModel]:
+        cursor = self._models.find({"state": DELETING, "deleting_since": {"$lt": epoch_seconds(older_than)}})
+        return [model_from_document(document) async for document in cursor]
 
     async def expired_reservations(self, now: datetime.datetime) -> list[Document]:
         cursor = self._models.find({"state": UPLOADING, "lease_expires_at": {"$lt": epoch_seconds(now)}})

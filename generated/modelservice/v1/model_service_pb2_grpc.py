@@ -49,10 +49,25 @@ class ModelServiceStub:
                 request_serializer=modelservice_dot_v1_dot_model__service__pb2.GetModelRequest.SerializeToString,
                 response_deserializer=modelservice_dot_v1_dot_model__service__pb2.GetModelResponse.FromString,
                 _registered_method=True)
+        self.ListModels = channel.unary_unary(
+                '/modelservice.v1.ModelService/ListModels',
+                request_serializer=modelservice_dot_v1_dot_model__service__pb2.ListModelsRequest.SerializeToString,
+                response_deserializer=modelservice_dot_v1_dot_model__service__pb2.ListModelsResponse.FromString,
+                _registered_method=True)
+        self.DeleteModel = channel.unary_unary(
+                '/modelservice.v1.ModelService/DeleteModel',
+                request_serializer=modelservice_dot_v1_dot_model__service__pb2.DeleteModelRequest.SerializeToString,
+                response_deserializer=modelservice_dot_v1_dot_model__service__pb2.DeleteModelResponse.FromString,
+                _registered_method=True)
         self.DeployModel = channel.unary_unary(
                 '/modelservice.v1.ModelService/DeployModel',
                 request_serializer=modelservice_dot_v1_dot_model__service__pb2.DeployModelRequest.SerializeToString,
                 response_deserializer=modelservice_dot_v1_dot_model__service__pb2.DeployModelResponse.FromString,
+                _registered_method=True)
+        self.UndeployModel = channel.unary_unary(
+                '/modelservice.v1.ModelService/UndeployModel',
+                request_serializer=modelservice_dot_v1_dot_model__service__pb2.UndeployModelRequest.SerializeToString,
+                response_deserializer=modelservice_dot_v1_dot_model__service__pb2.UndeployModelResponse.FromString,
                 _registered_method=True)
         self.WatchDeployment = channel.unary_stream(
                 '/modelservice.v1.ModelService/WatchDeployment',
@@ -107,6 +122,21 @@ class ModelServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListModels(self, request, context):
+        """Lists the namespace's models, ordered by model id, a page at a time.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteModel(self, request, context):
+        """Deletes a model: its cached weights, its stored archive and its document.
+        FAILED_PRECONDITION (MODEL_DEPLOYING) while a deployment of it is under way.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def DeployModel(self, request, context):
         """Loads the model's weights into the Ray object store (pre-warms the cache).
 
@@ -114,6 +144,14 @@ class ModelServiceServicer:
         creates or joins the single deployment of that model (concurrent calls share one
         load) and, by default, waits for it to end; with `wait: false` it returns at once
         with the deployment's task id.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UndeployModel(self, request, context):
+        """Drops the model's weights from the Ray object store (plugins still holding them keep
+        their copy until they let go). FAILED_PRECONDITION (MODEL_DEPLOYING) during a load.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -156,10 +194,25 @@ def add_ModelServiceServicer_to_server(servicer, server):
                     request_deserializer=modelservice_dot_v1_dot_model__service__pb2.GetModelRequest.FromString,
                     response_serializer=modelservice_dot_v1_dot_model__service__pb2.GetModelResponse.SerializeToString,
             ),
+            'ListModels': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListModels,
+                    request_deserializer=modelservice_dot_v1_dot_model__service__pb2.ListModelsRequest.FromString,
+                    response_serializer=modelservice_dot_v1_dot_model__service__pb2.ListModelsResponse.SerializeToString,
+            ),
+            'DeleteModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteModel,
+                    request_deserializer=modelservice_dot_v1_dot_model__service__pb2.DeleteModelRequest.FromString,
+                    response_serializer=modelservice_dot_v1_dot_model__service__pb2.DeleteModelResponse.SerializeToString,
+            ),
             'DeployModel': grpc.unary_unary_rpc_method_handler(
                     servicer.DeployModel,
                     request_deserializer=modelservice_dot_v1_dot_model__service__pb2.DeployModelRequest.FromString,
                     response_serializer=modelservice_dot_v1_dot_model__service__pb2.DeployModelResponse.SerializeToString,
+            ),
+            'UndeployModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.UndeployModel,
+                    request_deserializer=modelservice_dot_v1_dot_model__service__pb2.UndeployModelRequest.FromString,
+                    response_serializer=modelservice_dot_v1_dot_model__service__pb2.UndeployModelResponse.SerializeToString,
             ),
             'WatchDeployment': grpc.unary_stream_rpc_method_handler(
                     servicer.WatchDeployment,
@@ -247,6 +300,60 @@ class ModelService:
             _registered_method=True)
 
     @staticmethod
+    def ListModels(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/modelservice.v1.ModelService/ListModels',
+            modelservice_dot_v1_dot_model__service__pb2.ListModelsRequest.SerializeToString,
+            modelservice_dot_v1_dot_model__service__pb2.ListModelsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/modelservice.v1.ModelService/DeleteModel',
+            modelservice_dot_v1_dot_model__service__pb2.DeleteModelRequest.SerializeToString,
+            modelservice_dot_v1_dot_model__service__pb2.DeleteModelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
     def DeployModel(request,
             target,
             options=(),
@@ -263,6 +370,33 @@ class ModelService:
             '/modelservice.v1.ModelService/DeployModel',
             modelservice_dot_v1_dot_model__service__pb2.DeployModelRequest.SerializeToString,
             modelservice_dot_v1_dot_model__service__pb2.DeployModelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UndeployModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/modelservice.v1.ModelService/UndeployModel',
+            modelservice_dot_v1_dot_model__service__pb2.UndeployModelRequest.SerializeToString,
+            modelservice_dot_v1_dot_model__service__pb2.UndeployModelResponse.FromString,
             options,
             channel_credentials,
             insecure,

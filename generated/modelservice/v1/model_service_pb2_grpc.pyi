@@ -66,6 +66,12 @@ class ModelServiceStub:
     """Returns one model of the namespace. NOT_FOUND (MODEL_NOT_FOUND) for an unknown id
     and for a model of another namespace alike.
     """
+    ListModels: _grpc.UnaryUnaryMultiCallable[_model_service_pb2.ListModelsRequest, _model_service_pb2.ListModelsResponse]
+    """Lists the namespace's models, ordered by model id, a page at a time."""
+    DeleteModel: _grpc.UnaryUnaryMultiCallable[_model_service_pb2.DeleteModelRequest, _model_service_pb2.DeleteModelResponse]
+    """Deletes a model: its cached weights, its stored archive and its document.
+    FAILED_PRECONDITION (MODEL_DEPLOYING) while a deployment of it is under way.
+    """
     DeployModel: _grpc.UnaryUnaryMultiCallable[_model_service_pb2.DeployModelRequest, _model_service_pb2.DeployModelResponse]
     """Loads the model's weights into the Ray object store (pre-warms the cache).
 
@@ -73,6 +79,10 @@ class ModelServiceStub:
     creates or joins the single deployment of that model (concurrent calls share one
     load) and, by default, waits for it to end; with `wait: false` it returns at once
     with the deployment's task id.
+    """
+    UndeployModel: _grpc.UnaryUnaryMultiCallable[_model_service_pb2.UndeployModelRequest, _model_service_pb2.UndeployModelResponse]
+    """Drops the model's weights from the Ray object store (plugins still holding them keep
+    their copy until they let go). FAILED_PRECONDITION (MODEL_DEPLOYING) during a load.
     """
     WatchDeployment: _grpc.UnaryStreamMultiCallable[_model_service_pb2.WatchDeploymentRequest, _model_service_pb2.DeploymentEvent]
     """Streams a deployment's state: first the current state, then every change, ending
@@ -115,6 +125,12 @@ class ModelServiceAsyncStub(ModelServiceStub):
     """Returns one model of the namespace. NOT_FOUND (MODEL_NOT_FOUND) for an unknown id
     and for a model of another namespace alike.
     """
+    ListModels: _aio.UnaryUnaryMultiCallable[_model_service_pb2.ListModelsRequest, _model_service_pb2.ListModelsResponse]  # type: ignore[assignment]
+    """Lists the namespace's models, ordered by model id, a page at a time."""
+    DeleteModel: _aio.UnaryUnaryMultiCallable[_model_service_pb2.DeleteModelRequest, _model_service_pb2.DeleteModelResponse]  # type: ignore[assignment]
+    """Deletes a model: its cached weights, its stored archive and its document.
+    FAILED_PRECONDITION (MODEL_DEPLOYING) while a deployment of it is under way.
+    """
     DeployModel: _aio.UnaryUnaryMultiCallable[_model_service_pb2.DeployModelRequest, _model_service_pb2.DeployModelResponse]  # type: ignore[assignment]
     """Loads the model's weights into the Ray object store (pre-warms the cache).
 
@@ -122,6 +138,10 @@ class ModelServiceAsyncStub(ModelServiceStub):
     creates or joins the single deployment of that model (concurrent calls share one
     load) and, by default, waits for it to end; with `wait: false` it returns at once
     with the deployment's task id.
+    """
+    UndeployModel: _aio.UnaryUnaryMultiCallable[_model_service_pb2.UndeployModelRequest, _model_service_pb2.UndeployModelResponse]  # type: ignore[assignment]
+    """Drops the model's weights from the Ray object store (plugins still holding them keep
+    their copy until they let go). FAILED_PRECONDITION (MODEL_DEPLOYING) during a load.
     """
     WatchDeployment: _aio.UnaryStreamMultiCallable[_model_service_pb2.WatchDeploymentRequest, _model_service_pb2.DeploymentEvent]  # type: ignore[assignment]
     """Streams a deployment's state: first the current state, then every change, ending
@@ -175,6 +195,24 @@ class ModelServiceServicer(metaclass=_abc_1.ABCMeta):
         """
 
     @_abc_1.abstractmethod
+    def ListModels(
+        self,
+        request: _model_service_pb2.ListModelsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_model_service_pb2.ListModelsResponse, _abc.Awaitable[_model_service_pb2.ListModelsResponse]]:
+        """Lists the namespace's models, ordered by model id, a page at a time."""
+
+    @_abc_1.abstractmethod
+    def DeleteModel(
+        self,
+        request: _model_service_pb2.DeleteModelRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_model_service_pb2.DeleteModelResponse, _abc.Awaitable[_model_service_pb2.DeleteModelResponse]]:
+        """Deletes a model: its cached weights, its stored archive and its document.
+        FAILED_PRECONDITION (MODEL_DEPLOYING) while a deployment of it is under way.
+        """
+
+    @_abc_1.abstractmethod
     def DeployModel(
         self,
         request: _model_service_pb2.DeployModelRequest,
@@ -186,6 +224,16 @@ class ModelServiceServicer(metaclass=_abc_1.ABCMeta):
         creates or joins the single deployment of that model (concurrent calls share one
         load) and, by default, waits for it to end; with `wait: false` it returns at once
         with the deployment's task id.
+        """
+
+    @_abc_1.abstractmethod
+    def UndeployModel(
+        self,
+        request: _model_service_pb2.UndeployModelRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_model_service_pb2.UndeployModelResponse, _abc.Awaitable[_model_service_pb2.UndeployModelResponse]]:
+        """Drops the model's weights from the Ray object store (plugins still holding them keep
+        their copy until they let go). FAILED_PRECONDITION (MODEL_DEPLOYING) during a load.
         """
 
     @_abc_1.abstractmethod
