@@ -65,9 +65,10 @@ async def serve(settings: Settings) -> None:
             gateway = gateway_stack.enter_context(
                 envoy_proxy(
                     settings.data_dir / "envoy",
-                    backend_host=settings.grpc_host,
+                    backend_host="127.0.0.1" if settings.grpc_host in ("0.0.0.0", "::") else settings.grpc_host,
                     backend_port=app.port,
                     listen_port=settings.http_port,
+                    listen_host=settings.http_host,
                 )
             )
             rest = f"{gateway.base_url}  (Envoy: REST and gRPC on one port)"

@@ -25,6 +25,8 @@ class Settings:
     grpc_port: int = 50051
     """gRPC port; 0 picks a free one (the bound port is logged and returned by the app)."""
 
+    http_host: str = "127.0.0.1"
+    """Address the Envoy gateway listens on (its admin interface stays on loopback)."""
     http_port: int = 8080
     """REST (and gRPC) port of the Envoy gateway the launcher starts; 0 picks a free one."""
     rest_gateway: bool = True

@@ -39,10 +39,12 @@ class EnvoyEndpoints:
         return f"http://{LOOPBACK}:{self.admin_port}"
 
 
-def render_config(*, listen_port: int, admin_port: int, backend_host: str, backend_port: int) -> str:
+def render_config(
+    *, listen_host: str, listen_port: int, admin_port: int, backend_host: str, backend_port: int
+) -> str:
     """envoy/envoy.yaml with its parameters filled in."""
     return string.Template(TEMPLATE.read_text()).substitute(
-        LISTEN_ADDRESS=LOOPBACK,
+        LISTEN_ADDRESS=listen_host,
         LISTEN_PORT=listen_port,
         ADMIN_PORT=admin_port,
         BACKEND_HOST=backend_host,
@@ -54,7 +56,7 @@ def render_config(*, listen_port: int, admin_port: int, backend_host: str, backe
 
 @contextlib.contextmanager
 def envoy_proxy(
-    work_dir: Path, *, backend_host: str, backend_port: int, listen_port: int = 0
+    work_dir: Path, *, backend_host: str, backend_port: int, listen_port: int = 0, listen_host: str = LOOPBACK
 ) -> Iterator[EnvoyEndpoints]:
     """Runs Envoy in front of the service at backend_host:backend_port until the context ends."""
     work_dir.mkdir(parents=True, exist_ok=True)
@@ -62,6 +64,7 @@ def envoy_proxy(
     config = work_dir / "envoy.yaml"
     config.write_text(
         render_config(
+            listen_host=listen_host,
             listen_port=endpoints.listen_port,
             admin_port=endpoints.admin_port,
             backend_host=backend_host,
