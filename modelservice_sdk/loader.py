@@ -45,9 +45,31 @@ def load_namespace_model(
         ray.init(address="auto", namespace=CACHE_NAMESPACE, log_to_driver=False)
     name = f"model-cache-{database or os.environ.get('MODELSERVICE_MONGODB_DATABASE') or DEFAULT_DATABASE}"
     try:
-        cache = ray.get_actor(name, namespace=CACHE_NAMESPACE)
-    except ValueError:
-        raise ModelNotAvailable(f"no modelservice model cache ({name!r}) runs on this Ray cluster") from None
+        return _load(_cache_actor(name), model_id, namespace_id)
+    except ray.exceptions.RayActorError:
+        # The cache was replaced (Ray restarted it, or a service replica recreated it).
+        _actors.pop(name, None)
+        return _load(_cache_actor(name), model_id, namespace_id)
+
+
+_actors: dict[str, Any] = {}
+"""Cache actor handles of this process: looking one up costs a round trip to Ray's GCS."""
+
+
+def _cache_actor(name: str) -> Any:
+    import ray
+
+    if name not in _actors:
+        try:
+            _actors[name] = ray.get_actor(name, namespace=CACHE_NAMESPACE)
+        except ValueError:
+            raise ModelNotAvailable(f"no modelservice model cache ({name!r}) runs on this Ray cluster") from None
+    return _actors[name]
+
+
+def _load(cache: Any, model_id: str, namespace_id: str | None) -> NamespaceModel:
+    import ray
+
     refs: list[Any] | None = ray.get(cache.lookup.remote(model_id, namespace_id))
     if refs is None:
         refs = ray.get(cache.ensure.remote(model_id, namespace_id))
