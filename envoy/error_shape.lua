@@ -6,6 +6,7 @@
 -- Native gRPC responses pass untouched (their clients read google.rpc.Status details).
 
 local ERROR_HEADER = "x-modelservice-error"
+local STATUS_HEADER = "x-modelservice-http-status"
 local REST_MARKER = "x-modelservice-rest"
 
 -- Marks REST requests before the transcoder turns them into gRPC ones, so that the
@@ -23,12 +24,19 @@ end
 
 function envoy_on_response(response_handle)
   local headers = response_handle:headers()
-  local shaped = headers:get(ERROR_HEADER)
-  if shaped == nil then
-    return
-  end
   local content_type = headers:get("content-type") or ""
   if string.find(content_type, "application/grpc", 1, true) == 1 then
+    return
+  end
+  -- A successful call whose REST status is not 200 (the public API answers a failed
+  -- deployment with 500 and the deploy response as body).
+  local override = headers:get(STATUS_HEADER)
+  if override ~= nil then
+    headers:remove(STATUS_HEADER)
+    headers:replace(":status", override)
+  end
+  local shaped = headers:get(ERROR_HEADER)
+  if shaped == nil then
     return
   end
   headers:remove(ERROR_HEADER)

@@ -296,3 +296,18 @@ async def test_envoy_stops_routing_to_a_draining_replica(
             else:
                 pytest.fail("Envoy kept routing to a replica whose health is NOT_SERVING")
     assert body["error"]["code"] == "no_healthy_upstream" and body["status"] == 503
+
+
+async def test_a_failed_deployment_answers_500_with_the_deploy_response_as_body(
+    app: ModelServiceApp, gateway: EnvoyEndpoints, http: aiohttp.ClientSession, client: ModelServiceClient,
+    tenant: Tenant, tmp_path: Path,
+) -> None:
+    model_id = await upload_model(client, tenant.namespace_id, tmp_path, "safetensors", num_gpus=2)
+    url = f"{gateway.base_url}/v1/namespaces/{tenant.namespace_id}/models/{model_id}/deploy"
+    async with http.post(url, headers=_headers(tenant)) as response:
+        body = await _json(response)
+    assert response.status == 500  # the public API's "Deployment failed"
+    assert schema_errors("deploy_model", "ModelDeployResponse", body) == []
+    assert (body["success"], body["deployment_status"]) == (False, "failed")
+    assert "schedule: INSUFFICIENT_RESOURCES" in body["message"]
+    assert "x-modelservice-http-status" not in response.headers

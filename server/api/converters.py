@@ -128,6 +128,17 @@ def deploy_response(outcome: DeployOutcome) -> pb.DeployModelResponse:
     )
 
 
+#: Response metadata carrying a REST status for a call that succeeded over gRPC (envoy/error_shape.lua).
+HTTP_STATUS_METADATA_KEY = "x-modelservice-http-status"
+
+
+def deploy_rest_metadata(outcome: DeployOutcome) -> tuple[tuple[str, str], ...]:
+    """The public API answers a failed deployment with HTTP 500 (its body still the deploy response)."""
+    if outcome.status is DeploymentStatus.FAILED:
+        return ((HTTP_STATUS_METADATA_KEY, "500"),)
+    return ()
+
+
 def deploy_task(task: DeployTask) -> pb.DeployTask:
     return pb.DeployTask(
         task_id=task.task_id,

@@ -64,6 +64,7 @@ class ModelServiceServicer(pb_grpc.ModelServiceServicer):
         token = converters.bearer_token(context.invocation_metadata())
         wait = request.wait if request.HasField("wait") else True
         outcome = await self._deployments.deploy(token, request.namespace_id, request.model_id, wait)
+        await context.send_initial_metadata(converters.deploy_rest_metadata(outcome))
         return converters.deploy_response(outcome)
 
     async def WatchDeployment(
