@@ -1,8 +1,9 @@
 """Upload throughput of the streaming pipeline, against a baseline measured in the same run.
 
-    python -m bench.upload_throughput [--mib 512] [--repeat 3]
+    python -m bench.upload_throughput [--mib 512] [--repeat 3] [--s3]
 
-Uploads one .tar archive of float32 safetensors weights into the local archive store, from
+Uploads one .tar archive of float32 safetensors weights into the local archive store (or,
+with --s3, into moto's S3 server run as its own process, through multipart uploads), from
 a client in its own process: over gRPC straight to the service (1 MiB chunks), and over
 REST as the public multipart form through Envoy. Baseline: sha256 of the same file read
 from disk (the unavoidable work per byte). Reports MiB/s and the ratios; writes
@@ -13,15 +14,20 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import hashlib
 import json
+import os
 import sys
 import tarfile
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from bench.harness import bench_service, median, timed, write_result, write_weights
 from server.embedded.envoy import envoy_proxy
+from server.embedded.processes import executable, free_port, running_process
 
 MIB = 1024 * 1024
 
@@ -33,7 +39,20 @@ def _sha256_file(path: Path) -> None:
             digest.update(block)
 
 
-async def main(size_mib: int, repeat: int) -> None:
+@contextlib.contextmanager
+def _s3_settings(work: Path, use_s3: bool) -> Iterator[dict[str, Any]]:
+    if not use_s3:
+        yield {}
+        return
+    os.environ.setdefault("AWS_ACCESS_KEY_ID", "bench")
+    os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "bench")
+    port = free_port()
+    command = [executable("moto_server"), "-H", "127.0.0.1", "-p", str(port)]
+    with running_process(command, port=port, log_path=work / "moto.log"):
+        yield {"s3_bucket": "bench-archives", "s3_endpoint_url": f"http://127.0.0.1:{port}"}
+
+
+async def main(size_mib: int, repeat: int, use_s3: bool) -> None:
     with tempfile.TemporaryDirectory(prefix="modelservice-bench-") as scratch:
         work = Path(scratch)
         weights = write_weights(work / "model" / "model.safetensors", size_mib * MIB)
@@ -42,34 +61,42 @@ async def main(size_mib: int, repeat: int) -> None:
             tar.add(weights, arcname="model/model.safetensors")
         size = archive.stat().st_size
         baseline = median(timed(lambda: _sha256_file(archive), repeat))
-        samples: dict[str, list[float]] = {"grpc": [], "rest": []}
-        async with bench_service(work) as (app, namespace, key):
-            with envoy_proxy(work / "envoy", backend_host="127.0.0.1", backend_port=app.port) as gateway:
-                await asyncio.sleep(3)  # Envoy's first health check
-                for attempt in range(repeat):
-                    samples["grpc"].append(await _client(["grpc", app.address, key, namespace, str(archive), f"g{attempt}"]))
-                    samples["rest"].append(
-                        await _client(["rest", gateway.grpc_address, key, namespace, str(archive), f"r{attempt}"])
-                    )
-            peak = max(s.peak_buffered_bytes for s in app.uploads.recent_uploads)
-        grpc_seconds, rest_seconds = median(samples["grpc"]), median(samples["rest"])
-        write_result(
-            "upload_throughput",
-            {
-                "archive_bytes": size,
-                "repeat": repeat,
-                "store": "local directory",
-                "grpc_seconds_median": grpc_seconds,
-                "grpc_mib_per_s": size / MIB / grpc_seconds,
-                "rest_multipart_via_envoy_seconds_median": rest_seconds,
-                "rest_multipart_via_envoy_mib_per_s": size / MIB / rest_seconds,
-                "baseline_sha256_seconds_median": baseline,
-                "baseline_sha256_mib_per_s": size / MIB / baseline,
-                "grpc_vs_sha256_ratio": grpc_seconds / baseline,
-                "rest_vs_grpc_ratio": rest_seconds / grpc_seconds,
-                "peak_buffered_bytes": peak,
-            },
-        )
+        with _s3_settings(work, use_s3) as store_settings:
+            samples, peak = await _measure(work, archive, repeat, store_settings)
+    grpc_seconds, rest_seconds = median(samples["grpc"]), median(samples["rest"])
+    write_result(
+        "upload_throughput_s3" if use_s3 else "upload_throughput",
+        {
+            "archive_bytes": size,
+            "repeat": repeat,
+            "store": "moto S3 server (multipart)" if use_s3 else "local directory",
+            "grpc_seconds_median": grpc_seconds,
+            "grpc_mib_per_s": size / MIB / grpc_seconds,
+            "rest_multipart_via_envoy_seconds_median": rest_seconds,
+            "rest_multipart_via_envoy_mib_per_s": size / MIB / rest_seconds,
+            "baseline_sha256_seconds_median": baseline,
+            "baseline_sha256_mib_per_s": size / MIB / baseline,
+            "grpc_vs_sha256_ratio": grpc_seconds / baseline,
+            "rest_vs_grpc_ratio": rest_seconds / grpc_seconds,
+            "peak_buffered_bytes": peak,
+        },
+    )
+
+
+async def _measure(
+    work: Path, archive: Path, repeat: int, store_settings: dict[str, Any]
+) -> tuple[dict[str, list[float]], int]:
+    samples: dict[str, list[float]] = {"grpc": [], "rest": []}
+    async with bench_service(work, **store_settings) as (app, namespace, key):
+        with envoy_proxy(work / "envoy", backend_host="127.0.0.1", backend_port=app.port) as gateway:
+            await asyncio.sleep(3)  # Envoy's first health check
+            for attempt in range(repeat):
+                samples["grpc"].append(await _client(["grpc", app.address, key, namespace, str(archive), f"g{attempt}"]))
+                samples["rest"].append(
+                    await _client(["rest", gateway.grpc_address, key, namespace, str(archive), f"r{attempt}"])
+                )
+        peak = max(s.peak_buffered_bytes for s in app.uploads.recent_uploads)
+    return samples, peak
 
 
 async def _client(arguments: list[str]) -> float:
@@ -87,5 +114,6 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--mib", type=int, default=512)
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--s3", action="store_true", help="store into moto's S3 server instead of a directory")
     options = parser.parse_args()
-    asyncio.run(main(options.mib, options.repeat))
+    asyncio.run(main(options.mib, options.repeat, options.s3))
