@@ -166,7 +166,7 @@ class ModelServiceApp:
             part_bytes=settings.multipart_part_bytes,
             parts_in_flight=settings.multipart_parts_in_flight,
         )
-        await store.ensure_bucket()
+        await store.ensure_bucket(settings.s3_region)
         return store
 
     async def _start_grpc(self, servicer: ModelServiceServicer) -> None:

@@ -96,11 +96,17 @@ class S3ArchiveStore:
     def url_for(self, key: str) -> str:
         return f"s3://{self._bucket}/{self.object_key(key)}"
 
-    async def ensure_bucket(self) -> None:
+    async def ensure_bucket(self, region: str) -> None:
+        """Creates the bucket if it does not exist (convenient for development stores)."""
         try:
             await self._client.head_bucket(Bucket=self._bucket)
         except self._client.exceptions.ClientError:
-            await self._client.create_bucket(Bucket=self._bucket)
+            if region and region != "us-east-1":  # us-east-1 refuses an explicit constraint
+                await self._client.create_bucket(
+                    Bucket=self._bucket, CreateBucketConfiguration={"LocationConstraint": region}
+                )
+            else:
+                await self._client.create_bucket(Bucket=self._bucket)
 
     async def open_writer(self, key: str) -> ArchiveWriter:
         created = await self._client.create_multipart_upload(
