@@ -66,6 +66,9 @@ def run_load(spec: LoadSpec, report: Reporter, node_id: str = "") -> tuple[Names
     except Exception as error:  # a load must end in a state, whatever broke
         return None, _failed(node_id, started, stage, "LOAD_ERROR", f"{type(error).__name__}: {error}")
     finally:
+        # Safe even though safetensors tensors are memory maps of these files: a mapping
+        # keeps its pages readable after the unlink, until Ray has copied them into the
+        # object store and the arrays are gone.
         shutil.rmtree(scratch, ignore_errors=True)
 
 
