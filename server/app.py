@@ -28,7 +28,8 @@ from server.core.catalog import ModelCatalog
 from server.core.deletion import DeletionService
 from server.core.deployments import DeploymentService, WatchTiming
 from server.core.tenancy import TenancyService
-from server.core.uploads import UploadJanitor, UploadLimits, UploadService
+from server.core.janitor import Janitor
+from server.core.uploads import UploadLimits, UploadService
 from server.deploy.cluster import RayModelCluster
 from server.deploy.specs import CacheConfig, StoreConfig
 from server.embedded.processes import embedded_mongodb, ensure_ray_head
@@ -58,7 +59,7 @@ class ModelServiceApp:
         self.deletions: DeletionService
         self.deployments: DeploymentService
         self.cluster: RayModelCluster
-        self.janitor: UploadJanitor
+        self.janitor: Janitor
         self.store: ArchiveStore
 
     async def __aenter__(self) -> ModelServiceApp:
@@ -107,8 +108,8 @@ class ModelServiceApp:
         )
         self.cluster = await self._start_cluster()
         self.catalog = ModelCatalog(self.tenancy, models)
-        self.deletions = DeletionService(self.catalog, models, self.store, self.cluster)
-        self.janitor = UploadJanitor(models, self.store, self.deletions, settings.upload_lease_seconds)
+        self.deletions = DeletionService(self.tenancy, models, self.store, self.cluster)
+        self.janitor = Janitor(models, self.store, self.deletions, settings.upload_lease_seconds)
         janitor_task = asyncio.create_task(self.janitor.run_forever(settings.janitor_interval_seconds))
         self._stack.push_async_callback(_cancel, janitor_task)
         self.deployments = DeploymentService(

@@ -102,8 +102,3 @@ class ModelDeploying(ModelServiceError):
 
     reason = "MODEL_DEPLOYING"
     kind = ErrorKind.FAILED_PRECONDITION
-
-
-class ShuttingDown(ModelServiceError):
-    reason = "SHUTTING_DOWN"
-    kind = ErrorKind.UNAVAILABLE

@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import aioboto3
 import grpc
 import pytest
 from modelservice.v1 import model_service_pb2 as pb
@@ -40,13 +41,7 @@ def _fields(tenant: Tenant, model_format: str, **extra: object) -> UploadFields:
     )
 
 
-def _build_archive(tmp_path: Path, case: str, compression: str) -> Path:
-    return build_model_archive(tmp_path, case, compression)
-
-
 async def _s3_objects_and_uploads(app: ModelServiceApp, namespace_id: str) -> tuple[list[str], list[str]]:
-    import aioboto3
-
     settings = app.settings
     async with aioboto3.Session().client(
         "s3", endpoint_url=settings.s3_endpoint_url, region_name=settings.s3_region
@@ -70,7 +65,7 @@ async def _s3_objects_and_uploads(app: ModelServiceApp, namespace_id: str) -> tu
 async def test_upload_then_get_returns_every_seed_field_and_the_sha256(
     client: ModelServiceClient, tenant: Tenant, tmp_path: Path, model_format: str, declared: str, compression: str
 ) -> None:
-    archive = _build_archive(tmp_path, model_format, compression)
+    archive = build_model_archive(tmp_path, model_format, compression)
     fields = _fields(tenant, declared, framework="torch", task_type="embedding", num_cpus=2.5, num_gpus=0, memory_gb=1.5)
 
     uploaded = await client.upload_file(archive, fields, chunk_bytes=4096)
@@ -99,7 +94,7 @@ async def test_upload_then_get_returns_every_seed_field_and_the_sha256(
 async def test_duplicate_name_and_version_fails_before_any_byte_with_already_exists(
     client: ModelServiceClient, tenant: Tenant, tmp_path: Path
 ) -> None:
-    archive = _build_archive(tmp_path, "safetensors", "gz")
+    archive = build_model_archive(tmp_path, "safetensors", "gz")
     await client.upload_file(archive, _fields(tenant, "safetensors", name="dup"))
     bytes_requested = 0
 
@@ -122,7 +117,7 @@ async def test_duplicate_name_and_version_fails_before_any_byte_with_already_exi
 async def test_checksum_mismatch_is_rejected_and_leaves_nothing(
     app: ModelServiceApp, client: ModelServiceClient, tenant: Tenant, tmp_path: Path
 ) -> None:
-    archive = _build_archive(tmp_path, "safetensors", "gz")
+    archive = build_model_archive(tmp_path, "safetensors", "gz")
     wrong = hashlib.sha256(b"something else").hexdigest()
 
     with pytest.raises(ServiceError) as raised:
@@ -231,7 +226,7 @@ async def test_archive_many_times_the_buffer_budget_streams_with_bounded_bufferi
 @pytest.mark.parametrize("tier", [Tier.FREE, Tier.PRO])
 async def test_tier_without_custom_models_is_permission_denied(app: ModelServiceApp, tmp_path: Path, tier: Tier) -> None:
     limited = await make_tenant(app, tier)
-    archive = _build_archive(tmp_path, "safetensors", "gz")
+    archive = build_model_archive(tmp_path, "safetensors", "gz")
     async with ModelServiceClient(app.address, limited.api_key) as limited_client:
         with pytest.raises(ServiceError) as raised:
             await limited_client.upload_file(archive, _fields(limited, "safetensors"))
@@ -252,7 +247,7 @@ async def test_missing_or_unknown_key_is_unauthenticated(app: ModelServiceApp, t
 async def test_other_namespaces_model_answers_like_a_missing_one(
     app: ModelServiceApp, client: ModelServiceClient, tenant: Tenant, tmp_path: Path
 ) -> None:
-    uploaded = await client.upload_file(_build_archive(tmp_path, "onnx", "gz"), _fields(tenant, "onnx"))
+    uploaded = await client.upload_file(build_model_archive(tmp_path, "onnx", "gz"), _fields(tenant, "onnx"))
     stranger = await make_tenant(app)
     async with ModelServiceClient(app.address, stranger.api_key) as stranger_client:
         # With the stranger's own namespace: the model does not exist there.
@@ -325,9 +320,7 @@ async def test_the_janitor_clears_what_a_replica_that_died_mid_upload_left(
     key = f"{tenant.namespace_id}/orphan-model/archive"
     long_ago = utc_now() - datetime.timedelta(hours=1)
     await models.reserve("orphan-model", metadata, key, lease_expires_at=long_ago, now=long_ago)
-    writer = await app.store.open_writer(key)
-    await writer.write(bytes(TEST_PART_BYTES))
-    await models.record_upload_id("orphan-model", writer.upload_id)
+    await models.record_upload_id("orphan-model", await _orphan_multipart_upload(app, key))
     assert (await _s3_objects_and_uploads(app, tenant.namespace_id))[1] == [app.settings.s3_prefix + key]
 
     cleared = await app.janitor.sweep()
@@ -343,6 +336,20 @@ async def test_the_janitor_clears_what_a_replica_that_died_mid_upload_left(
             yield pb.UploadModelRequest(chunk=again)
 
         assert (await owner.upload_stream(retry())).success  # the name is free again
+
+
+async def _orphan_multipart_upload(app: ModelServiceApp, key: str) -> str:
+    """A multipart upload with one part, as a replica that died mid-upload leaves it."""
+    settings = app.settings
+    object_key = settings.s3_prefix + key
+    async with aioboto3.Session().client(
+        "s3", endpoint_url=settings.s3_endpoint_url, region_name=settings.s3_region
+    ) as s3:
+        upload_id: str = (await s3.create_multipart_upload(Bucket=settings.s3_bucket, Key=object_key))["UploadId"]
+        await s3.upload_part(
+            Bucket=settings.s3_bucket, Key=object_key, UploadId=upload_id, PartNumber=1, Body=bytes(TEST_PART_BYTES)
+        )
+    return upload_id
 
 
 def _mongo_client(app: ModelServiceApp) -> Any:

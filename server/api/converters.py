@@ -12,7 +12,6 @@ from modelservice.v1 import model_service_pb2 as pb
 from server.core.catalog import ModelPage
 from server.core.deployments import DeployOutcome, UndeployOutcome
 from server.core.models import DeploymentStatus, StoredModel
-from server.core.uploads import UploadResult
 from server.core.validation import UploadDeclaration
 from server.persistence.deployments import TASK_TYPE, DeploymentEvent, DeployTask
 
@@ -46,8 +45,7 @@ def declaration_from_request(request: pb.UploadModelRequest) -> UploadDeclaratio
     )
 
 
-def upload_response(result: UploadResult) -> pb.UploadModelResponse:
-    model = result.model
+def upload_response(model: StoredModel) -> pb.UploadModelResponse:
     return pb.UploadModelResponse(
         success=True,
         model_id=model.model_id,

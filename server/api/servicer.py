@@ -36,32 +36,32 @@ class ModelServiceServicer(pb_grpc.ModelServiceServicer):
         self, request_iterator: AsyncIterator[pb.UploadModelRequest], context: Context
     ) -> pb.UploadModelResponse:
         declaration, chunks = await split_upload_stream(request_iterator)
-        token = converters.bearer_token(context.invocation_metadata())
-        result = await self._uploads.upload(token, declaration, chunks)
-        return converters.upload_response(result)
+        token = _api_key(context)
+        model = await self._uploads.upload(token, declaration, chunks)
+        return converters.upload_response(model)
 
     async def GetModel(self, request: pb.GetModelRequest, context: Context) -> pb.GetModelResponse:
-        token = converters.bearer_token(context.invocation_metadata())
+        token = _api_key(context)
         model = await self._catalog.get(token, request.namespace_id, request.model_id)
         return pb.GetModelResponse(success=True, model=converters.model_document(model))
 
     async def ListModels(self, request: pb.ListModelsRequest, context: Context) -> pb.ListModelsResponse:
-        token = converters.bearer_token(context.invocation_metadata())
+        token = _api_key(context)
         page = await self._catalog.page(token, request.namespace_id, request.page_size, request.page_token)
         return converters.model_page(page)
 
     async def DeleteModel(self, request: pb.DeleteModelRequest, context: Context) -> pb.DeleteModelResponse:
-        token = converters.bearer_token(context.invocation_metadata())
+        token = _api_key(context)
         model = await self._deletions.delete(token, request.namespace_id, request.model_id)
         return converters.delete_response(model)
 
     async def UndeployModel(self, request: pb.UndeployModelRequest, context: Context) -> pb.UndeployModelResponse:
-        token = converters.bearer_token(context.invocation_metadata())
+        token = _api_key(context)
         outcome = await self._deployments.undeploy(token, request.namespace_id, request.model_id)
         return converters.undeploy_response(outcome)
 
     async def DeployModel(self, request: pb.DeployModelRequest, context: Context) -> pb.DeployModelResponse:
-        token = converters.bearer_token(context.invocation_metadata())
+        token = _api_key(context)
         wait = request.wait if request.HasField("wait") else True
         outcome = await self._deployments.deploy(token, request.namespace_id, request.model_id, wait)
         await context.send_initial_metadata(converters.deploy_rest_metadata(outcome))
@@ -70,7 +70,7 @@ class ModelServiceServicer(pb_grpc.ModelServiceServicer):
     async def WatchDeployment(
         self, request: pb.WatchDeploymentRequest, context: Context
     ) -> AsyncIterator[pb.DeploymentEvent]:
-        token = converters.bearer_token(context.invocation_metadata())
+        token = _api_key(context)
         events = self._deployments.watch(
             token, request.namespace_id, request.model_id, request.after_sequence, request.task_id
         )
@@ -78,11 +78,15 @@ class ModelServiceServicer(pb_grpc.ModelServiceServicer):
             yield converters.deployment_event(event)
 
     async def GetDeployTask(self, request: pb.GetDeployTaskRequest, context: Context) -> pb.DeployTask:
-        token = converters.bearer_token(context.invocation_metadata())
+        token = _api_key(context)
         task = await self._deployments.get_task(token, request.namespace_id, request.task_id)
         return converters.deploy_task(task)
 
     async def GetModelDeployStatus(self, request: pb.GetModelDeployStatusRequest, context: Context) -> pb.DeployTask:
-        token = converters.bearer_token(context.invocation_metadata())
+        token = _api_key(context)
         task = await self._deployments.latest_task(token, request.namespace_id, request.model_id)
         return converters.deploy_task(task)
+
+
+def _api_key(context: Context) -> str | None:
+    return converters.bearer_token(context.invocation_metadata())

@@ -12,7 +12,6 @@ import contextlib
 import datetime
 import os
 import uuid
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -20,7 +19,6 @@ from typing import Any, Protocol
 from server.errors import InvalidArgument
 
 S3_MIN_PART_BYTES = 5 * 1024 * 1024
-_READ_CHUNK = 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -56,8 +54,6 @@ class ArchiveStore(Protocol):
     def url_for(self, key: str) -> str: ...
 
     async def open_writer(self, key: str) -> ArchiveWriter: ...
-
-    def read(self, key: str) -> AsyncIterator[bytes]: ...
 
     async def delete(self, key: str) -> None: ...
 
@@ -120,12 +116,6 @@ class S3ArchiveStore:
             part_bytes=self._part_bytes,
             parts_in_flight=self._parts_in_flight,
         )
-
-    async def read(self, key: str) -> AsyncIterator[bytes]:
-        response = await self._client.get_object(Bucket=self._bucket, Key=self.object_key(key))
-        async with response["Body"] as body:
-            while chunk := await body.read(_READ_CHUNK):
-                yield chunk
 
     async def delete(self, key: str) -> None:
         await self._client.delete_object(Bucket=self._bucket, Key=self.object_key(key))
@@ -280,14 +270,6 @@ class LocalArchiveStore:
         await asyncio.to_thread(final.parent.mkdir, parents=True, exist_ok=True)
         handle = await asyncio.to_thread(partial.open, "xb")
         return _LocalFileWriter(handle, partial, final, upload_id)
-
-    async def read(self, key: str) -> AsyncIterator[bytes]:
-        handle = await asyncio.to_thread(self.path_for(key).open, "rb")
-        try:
-            while chunk := await asyncio.to_thread(handle.read, _READ_CHUNK):
-                yield chunk
-        finally:
-            handle.close()
 
     async def delete(self, key: str) -> None:
         await asyncio.to_thread(self.path_for(key).unlink, missing_ok=True)

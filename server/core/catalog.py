@@ -10,6 +10,13 @@ from server.errors import InvalidArgument, ModelNotFound
 from server.persistence.mongo import ModelRepository
 
 
+def model_not_found(namespace_id: str, model_id: str) -> ModelNotFound:
+    return ModelNotFound(
+        f"model {model_id!r} not found in namespace {namespace_id!r}",
+        id=model_id, resource="model", namespace_id=namespace_id,
+    )
+
+
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 500
 
@@ -30,10 +37,7 @@ class ModelCatalog:
         await self._tenancy.authorize(bearer_token, namespace_id)
         model = await self._models.get(namespace_id, model_id)
         if model is None:
-            raise ModelNotFound(
-                f"model {model_id!r} not found in namespace {namespace_id!r}",
-                id=model_id, resource="model", namespace_id=namespace_id,
-            )
+            raise model_not_found(namespace_id, model_id)
         return model
 
     async def page(self, bearer_token: str | None, namespace_id: str, page_size: int, page_token: str) -> ModelPage:

@@ -9,10 +9,11 @@ import logging
 from typing import Protocol
 
 from server.archives.stores import ArchiveStore
-from server.core.catalog import ModelCatalog
+from server.core.catalog import model_not_found
 from server.core.models import StoredModel, utc_now
+from server.core.tenancy import TenancyService
 from server.deploy.specs import LOADING
-from server.errors import ModelDeploying, ModelNotFound
+from server.errors import ModelDeploying
 from server.persistence.mongo import ModelRepository
 
 logger = logging.getLogger(__name__)
@@ -24,21 +25,18 @@ class CacheEviction(Protocol):
 
 class DeletionService:
     def __init__(
-        self, catalog: ModelCatalog, models: ModelRepository, store: ArchiveStore, cache: CacheEviction
+        self, tenancy: TenancyService, models: ModelRepository, store: ArchiveStore, cache: CacheEviction
     ) -> None:
-        self._catalog = catalog
+        self._tenancy = tenancy
         self._models = models
         self._store = store
         self._cache = cache
 
     async def delete(self, bearer_token: str | None, namespace_id: str, model_id: str) -> StoredModel:
-        await self._catalog.get(bearer_token, namespace_id, model_id)
+        await self._tenancy.authorize(bearer_token, namespace_id)
         model = await self._models.mark_deleting(namespace_id, model_id, utc_now())
-        if model is None:  # deleted by a concurrent call
-            raise ModelNotFound(
-                f"model {model_id!r} not found in namespace {namespace_id!r}",
-                id=model_id, resource="model", namespace_id=namespace_id,
-            )
+        if model is None:
+            raise model_not_found(namespace_id, model_id)
         if await self._cache.undeploy(model_id) == LOADING:
             await self._models.restore_ready(model_id)
             raise ModelDeploying(

@@ -152,21 +152,20 @@ class DeploymentService:
                 cursor = current.sequence
         quiet_since = time.monotonic()
         while True:
-            events = await self._deployments.events_after(task.task_id, cursor)
-            for event in events:
-                yield event
-                cursor = event.sequence
-                if event.terminal:
-                    return
-            if events:
+            # One small read per idle poll: the task mirrors its latest sequence number.
+            latest = await self._deployments.get(task.task_id)
+            if latest is not None and latest.last_sequence > cursor:
+                for event in await self._deployments.events_after(task.task_id, cursor):
+                    yield event
+                    cursor = event.sequence
+                    if event.terminal:
+                        return
                 quiet_since = time.monotonic()
-            else:
-                latest = await self._deployments.get(task.task_id)
-                if latest is not None and latest.finished and latest.last_sequence <= cursor:
-                    return  # resumed after the end: nothing left to send
-                if time.monotonic() - quiet_since >= self._timing.heartbeat_seconds:
-                    yield _heartbeat(task, cursor)
-                    quiet_since = time.monotonic()
+            elif latest is None or latest.finished:
+                return  # resumed after the end: nothing left to send
+            elif time.monotonic() - quiet_since >= self._timing.heartbeat_seconds:
+                yield _heartbeat(task, cursor)
+                quiet_since = time.monotonic()
             await asyncio.sleep(self._timing.poll_seconds)
 
     async def _wait_until_finished(self, task_id: str) -> DeployTask:

@@ -19,9 +19,8 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from server.archives.inspector import ArchiveInspector, ArchiveReport, InspectionLimits
+from server.archives.inspector import ArchiveInspector, InspectionLimits
 from server.archives.stores import ArchiveStore, ArchiveWriter
-from server.core.deletion import DeletionService
 from server.core.models import ModelMetadata, StoredModel, utc_now
 from server.core.tenancy import TenancyService
 from server.core.validation import UploadDeclaration, validate_declaration
@@ -36,12 +35,6 @@ class UploadLimits:
     max_archive_bytes: int
     inspection: InspectionLimits
     lease_seconds: float
-
-
-@dataclass(frozen=True)
-class UploadResult:
-    model: StoredModel
-    report: ArchiveReport
 
 
 @dataclass(frozen=True)
@@ -77,7 +70,7 @@ class UploadService:
         bearer_token: str | None,
         declared: UploadDeclaration,
         chunks: AsyncIterator[bytes],
-    ) -> UploadResult:
+    ) -> StoredModel:
         await self._tenancy.authorize(bearer_token, declared.namespace_id)
         metadata = validate_declaration(declared)
         started = time.monotonic()
@@ -89,7 +82,7 @@ class UploadService:
         try:
             writer = await self._store.open_writer(archive_key)
             await self._models.record_upload_id(model_id, writer.upload_id)
-            sha256, size, report = await self._consume(model_id, metadata, chunks, writer)
+            sha256, size = await self._consume(model_id, metadata, chunks, writer)
             await writer.complete()
             stored = True
             model = await self._models.finalize(
@@ -110,7 +103,7 @@ class UploadService:
             model_id, metadata.namespace_id, metadata.name, metadata.version, size,
             stats.seconds, stats.peak_buffered_bytes, sha256,
         )
-        return UploadResult(model=model, report=report)
+        return model
 
     async def _consume(
         self,
@@ -118,7 +111,7 @@ class UploadService:
         metadata: ModelMetadata,
         chunks: AsyncIterator[bytes],
         writer: ArchiveWriter,
-    ) -> tuple[str, int, ArchiveReport]:
+    ) -> tuple[str, int]:
         digest = hashlib.sha256()
         inspector = ArchiveInspector(metadata.model_format, self._limits.inspection)
         size = 0
@@ -146,7 +139,7 @@ class UploadService:
                 next_renewal = time.monotonic() + self._limits.lease_seconds / 3
         if size == 0:
             raise InvalidArchive("the upload holds no archive bytes", check="empty")
-        report = await asyncio.to_thread(inspector.finish)
+        await asyncio.to_thread(inspector.finish)
         sha256 = digest.hexdigest()
         if metadata.expected_sha256 and metadata.expected_sha256 != sha256:
             raise ChecksumMismatch(
@@ -154,7 +147,7 @@ class UploadService:
                 "or the expected digest is wrong",
                 expected_sha256=metadata.expected_sha256, actual_sha256=sha256, size_bytes=size,
             )
-        return sha256, size, report
+        return sha256, size
 
     async def _discard(
         self, model_id: str, archive_key: str, writer: ArchiveWriter | None, stored: bool
@@ -173,43 +166,3 @@ class UploadService:
 
     def _lease_end(self) -> datetime.datetime:
         return utc_now() + datetime.timedelta(seconds=self._limits.lease_seconds)
-
-
-class UploadJanitor:
-    """Clears what replicas that died mid-way left: reservations and pending uploads of
-    uploads, and half-done deletions."""
-
-    def __init__(
-        self, models: ModelRepository, store: ArchiveStore, deletions: DeletionService, lease_seconds: float
-    ) -> None:
-        self._models = models
-        self._store = store
-        self._deletions = deletions
-        self._lease = datetime.timedelta(seconds=lease_seconds)
-
-    async def sweep(self) -> int:
-        """Returns how many stale reservations and orphan uploads were cleared."""
-        now = utc_now()
-        cleared = 0
-        for reservation in await self._models.expired_reservations(now):
-            if reservation.get("upload_id"):
-                await self._store.abort_pending(reservation["archive_key"], reservation["upload_id"])
-            await self._models.release(reservation["_id"])
-            cleared += 1
-        live = await self._models.reservation_upload_ids()
-        for pending in await self._store.list_pending():
-            if pending.upload_id not in live and pending.started_at < now - self._lease:
-                await self._store.abort_pending(pending.key, pending.upload_id)
-                cleared += 1
-        cleared += await self._deletions.finish_stale(self._lease)
-        if cleared:
-            logger.info("janitor cleared %d stale uploads and deletions", cleared)
-        return cleared
-
-    async def run_forever(self, interval_seconds: float) -> None:
-        while True:
-            try:
-                await self.sweep()
-            except Exception:
-                logger.exception("janitor sweep failed; retrying next interval")
-            await asyncio.sleep(interval_seconds)

@@ -52,7 +52,7 @@ class _Load:
     worker_node: str = ""
     error: str = ""
     done: asyncio.Event = field(default_factory=asyncio.Event)
-    runner: asyncio.Task[None] | None = None
+    runner: asyncio.Task[None] | None = None  # held so the event loop cannot drop the task
 
 
 @dataclass(frozen=True)

@@ -60,6 +60,8 @@ class _DiskWriter(MemberHandler):
             self._handle.close()
             self._handle = None
 
+    close = on_member_end  # also closes a member left open by an archive that broke off
+
 
 @dataclass(frozen=True)
 class Extraction:
@@ -91,8 +93,9 @@ def extract_archive(
         if unpacked > max_unpacked_bytes:
             raise InvalidArchive(f"the archive unpacks to more than {max_unpacked_bytes} bytes", check="unpacked_size")
 
+    writer = _DiskWriter(destination)
     reader = TarStreamReader(
-        _DiskWriter(destination), max_members=max_members, max_member_bytes=max_unpacked_bytes,
+        writer, max_members=max_members, max_member_bytes=max_unpacked_bytes,
         on_unpacked_bytes=count,
     )
     inflater: Inflater | None = None
@@ -126,4 +129,5 @@ def extract_archive(
             reader.finish()
         except InvalidArchive as failure:
             error = failure
+    writer.close()
     return Extraction(sha256=digest.hexdigest(), error=error)

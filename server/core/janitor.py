@@ -1,0 +1,56 @@
+"""The janitor: runs at start-up and periodically, on every replica, and finishes or undoes
+what a replica that died mid-way left behind. Every step is idempotent, so replicas may
+sweep at the same time."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import logging
+
+from server.archives.stores import ArchiveStore
+from server.core.deletion import DeletionService
+from server.core.models import utc_now
+from server.persistence.mongo import ModelRepository
+
+logger = logging.getLogger(__name__)
+
+
+class Janitor:
+    """Clears what replicas that died mid-way left: upload reservations, incomplete
+    multipart uploads, and half-done deletions."""
+
+    def __init__(
+        self, models: ModelRepository, store: ArchiveStore, deletions: DeletionService, lease_seconds: float
+    ) -> None:
+        self._models = models
+        self._store = store
+        self._deletions = deletions
+        self._lease = datetime.timedelta(seconds=lease_seconds)
+
+    async def sweep(self) -> int:
+        """Returns how many stale reservations and orphan uploads were cleared."""
+        now = utc_now()
+        cleared = 0
+        for reservation in await self._models.expired_reservations(now):
+            if reservation.get("upload_id"):
+                await self._store.abort_pending(reservation["archive_key"], reservation["upload_id"])
+            await self._models.release(reservation["_id"])
+            cleared += 1
+        live = await self._models.reservation_upload_ids()
+        for pending in await self._store.list_pending():
+            if pending.upload_id not in live and pending.started_at < now - self._lease:
+                await self._store.abort_pending(pending.key, pending.upload_id)
+                cleared += 1
+        cleared += await self._deletions.finish_stale(self._lease)
+        if cleared:
+            logger.info("janitor cleared %d stale uploads and deletions", cleared)
+        return cleared
+
+    async def run_forever(self, interval_seconds: float) -> None:
+        while True:
+            try:
+                await self.sweep()
+            except Exception:
+                logger.exception("janitor sweep failed; retrying next interval")
+            await asyncio.sleep(interval_seconds)
