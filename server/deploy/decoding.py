@@ -1,14 +1,20 @@
 """Decodes an extracted model directory into contiguous numpy arrays, by format.
 
 Numpy, not torch tensors: Ray hands numpy arrays out of its object store zero-copy, while
-torch tensors are copied on every get. PyTorch pickles are loaded with
-`weights_only=True`: a file that needs arbitrary code to unpickle is refused.
+torch tensors are copied on every get.
+
+Everything here runs in the load task, in the service's trust domain, so a model is DATA:
+PyTorch pickles load with `weights_only=True`; TorchScript tensors are read by a restricted
+reader that runs none of the module's code (`torchscript_reader`); ONNX external data and
+any other path named inside a model resolve only to that model's own extracted files
+(`confined_file`).
 """
 
 from __future__ import annotations
 
 import pickle
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,30 +31,32 @@ from server.archives.formats import (
     validate_safetensors_header,
 )
 from server.core.models import ModelFormat
+from server.deploy.errors import DecodeError
+from server.deploy.torchscript_reader import TorchScriptArchive, is_torchscript
 from server.errors import InvalidArchive
 
 MAX_COMPANION_FILE_BYTES = 16 * 1024 * 1024
 
 
-class DecodeError(Exception):
-    """The weights cannot be decoded; `reason` is stable, the message says why."""
+MAX_COMPANION_FILES_TOTAL_BYTES = 64 * 1024 * 1024
+MAX_COMPANION_FILES = 1000
+DEFAULT_MAX_UNPACKED_BYTES = 256 * 1024 * 1024 * 1024
 
-    def __init__(self, reason: str, message: str) -> None:
-        super().__init__(message)
-        self.reason = reason
-        self.message = message
+__all__ = ["DecodeError", "confined_file", "decode_model"]
 
 
-def decode_model(root: Path, model_id: str, model_format: str, sha256: str) -> NamespaceModel:
+def decode_model(
+    root: Path, model_id: str, model_format: str, sha256: str, *, max_unpacked_bytes: int = DEFAULT_MAX_UNPACKED_BYTES
+) -> NamespaceModel:
     files = sorted(p for p in root.rglob("*") if p.is_file())
     declared = ModelFormat(model_format)
     model = NamespaceModel(model_id=model_id, model_format=model_format, kind=model_format, sha256=sha256)
     if declared is ModelFormat.SAFETENSORS:
         _load_safetensors(model, [p for p in files if p.name.endswith(SAFETENSORS_SUFFIX)], root)
     elif declared is ModelFormat.ONNX:
-        _load_onnx(model, _first(files, ONNX_SUFFIX, "an .onnx file"))
+        _load_onnx(model, _first(files, ONNX_SUFFIX, "an .onnx file"), root)
     elif declared is ModelFormat.PYTORCH:
-        _load_pytorch(model, _first(files, TORCH_SUFFIXES, "a PyTorch file"))
+        _load_pytorch(model, _first(files, TORCH_SUFFIXES, "a PyTorch file"), root, max_unpacked_bytes)
     else:
         _load_huggingface(model, files, root)
     if not model.tensors:
@@ -67,14 +75,21 @@ def _put(model: NamespaceModel, name: str, tensor: Any) -> None:
     """Stores a torch tensor as a contiguous numpy array (bit view for numpy-less dtypes)."""
     import torch
 
-    if name in model.tensors:
-        raise DecodeError("DUPLICATE_TENSOR", f"tensor {name!r} appears in more than one weights file")
     dtype_name = str(tensor.dtype).removeprefix("torch.")
     tensor = tensor.detach().contiguous()
+    real_dtype = None
     if dtype_name in BIT_VIEW_DTYPES:
         tensor = tensor.view(getattr(torch, BIT_VIEW_DTYPES[dtype_name]))
-        model.tensor_dtypes[name] = dtype_name
-    model.tensors[name] = np.ascontiguousarray(tensor.numpy())
+        real_dtype = dtype_name
+    _put_array(model, name, np.ascontiguousarray(tensor.numpy()), real_dtype)
+
+
+def _put_array(model: NamespaceModel, name: str, array: np.ndarray, real_dtype: str | None) -> None:
+    if name in model.tensors:
+        raise DecodeError("DUPLICATE_TENSOR", f"tensor {name!r} appears in more than one weights file")
+    model.tensors[name] = array
+    if real_dtype is not None:
+        model.tensor_dtypes[name] = real_dtype
 
 
 def _load_safetensors(model: NamespaceModel, paths: list[Path], root: Path) -> None:
@@ -119,16 +134,92 @@ def _load_safetensors(model: NamespaceModel, paths: list[Path], root: Path) -> N
                 model.tensor_dtypes[name] = real_dtype
 
 
-def _load_onnx(model: NamespaceModel, path: Path) -> None:
+def confined_file(root: Path, base: Path, reference: str) -> Path:
+    """The file a model names by `reference` (relative to `base`), if it is one of the
+    model's own extracted files; DecodeError otherwise.
+
+    Refused before touching the disk: absolute paths, drive letters, backslashes, NUL and
+    `..`; then the resolved path (links followed) must still lie inside `root` and be a
+    regular file. Nothing outside the model's own files is ever opened.
+    """
+    if (
+        not reference
+        or reference.startswith(("/", "\\"))
+        or "\\" in reference
+        or "\0" in reference
+        or (len(reference) > 1 and reference[1] == ":")
+        or ".." in reference.split("/")
+    ):
+        raise DecodeError("PATH_OUTSIDE_MODEL", f"the model refers to {reference!r}, outside its own files")
+    candidate = base / reference
+    try:
+        resolved = candidate.resolve(strict=True)
+    except (OSError, RuntimeError):
+        raise DecodeError("MISSING_MODEL_FILE", f"the model refers to {reference!r}, which the archive does not hold") from None
+    if not resolved.is_relative_to(root.resolve()) or not resolved.is_file():
+        raise DecodeError("PATH_OUTSIDE_MODEL", f"the model refers to {reference!r}, outside its own files")
+    return resolved
+
+
+def _onnx_tensors(graph: Any) -> Iterator[Any]:
+    """Every TensorProto of a graph: initializers, sparse ones, node attributes, subgraphs."""
+    yield from graph.initializer
+    for sparse in graph.sparse_initializer:
+        yield sparse.values
+        yield sparse.indices
+    for node in graph.node:
+        for attribute in node.attribute:
+            if attribute.HasField("t"):
+                yield attribute.t
+            yield from attribute.tensors
+            if attribute.HasField("g"):
+                yield from _onnx_tensors(attribute.g)
+            for subgraph in attribute.graphs:
+                yield from _onnx_tensors(subgraph)
+
+
+def _internalize_external_data(proto: Any, path: Path, root: Path) -> None:
+    """Reads each tensor's external data from the model's own files into the model.
+
+    ONNX's own helpers resolve `location` against the process's working directory or any
+    path the model names; here every reference goes through `confined_file`. The result is
+    self-contained, so a plugin's ONNX Runtime session never resolves a path either.
+    """
+    from onnx import TensorProto
+
+    for tensor in _onnx_tensors(proto.graph):
+        if tensor.data_location != TensorProto.EXTERNAL:
+            continue
+        entries = {entry.key: entry.value for entry in tensor.external_data}
+        source = confined_file(root, path.parent, entries.get("location", ""))
+        try:
+            offset = int(entries.get("offset", "0"))
+            length = int(entries["length"]) if "length" in entries else source.stat().st_size - offset
+        except ValueError:
+            raise DecodeError("CORRUPT_WEIGHTS", f"tensor {tensor.name!r} has a malformed external data offset or length") from None
+        if offset < 0 or length < 0 or offset + length > source.stat().st_size:
+            raise DecodeError("CORRUPT_WEIGHTS", f"tensor {tensor.name!r} reaches past the end of its external data file")
+        with source.open("rb") as handle:
+            handle.seek(offset)
+            tensor.raw_data = handle.read(length)
+        del tensor.external_data[:]
+        tensor.data_location = TensorProto.DEFAULT
+
+
+def _load_onnx(model: NamespaceModel, path: Path, root: Path) -> None:
     import onnx
     from onnx import numpy_helper
 
-    raw = path.read_bytes()
     try:
-        proto = onnx.load_from_string(raw)
+        proto = onnx.load_from_string(path.read_bytes())  # never follows external data itself
+    except Exception:  # protobuf raises DecodeError and others for garbage
+        raise DecodeError("CORRUPT_WEIGHTS", f"{_relative(path, root)} is not a valid ONNX model") from None
+    _internalize_external_data(proto, path, root)
+    try:
         onnx.checker.check_model(proto)
+        raw = proto.SerializeToString()
     except Exception as error:  # onnx raises several unrelated types for a corrupt model
-        raise DecodeError("CORRUPT_WEIGHTS", f"{path.name} is not a valid ONNX model: {error}") from None
+        raise DecodeError("CORRUPT_WEIGHTS", f"{_relative(path, root)} is not a valid ONNX model: {_first_line(error)}") from None
     for initializer in proto.graph.initializer:
         if initializer.name in model.tensors:
             raise DecodeError("DUPLICATE_TENSOR", f"initializer {initializer.name!r} appears twice")
@@ -137,32 +228,37 @@ def _load_onnx(model: NamespaceModel, path: Path) -> None:
     model.artifacts["onnx"] = np.frombuffer(raw, dtype=np.uint8)
 
 
-def _is_torchscript(path: Path) -> bool:
-    if not zipfile.is_zipfile(path):
-        return False
-    with zipfile.ZipFile(path) as archive:
-        return any(name.endswith("/constants.pkl") or name.startswith("code/") or "/code/" in name for name in archive.namelist())
-
-
-def _load_pytorch(model: NamespaceModel, path: Path) -> None:
-    import torch
-
-    if _is_torchscript(path):
-        try:
-            module = torch.jit.load(str(path), map_location="cpu")  # type: ignore[no-untyped-call]
-        except Exception as error:
-            raise DecodeError("CORRUPT_WEIGHTS", f"{path.name} is not a loadable TorchScript module: {error}") from None
-        for name, tensor in module.state_dict().items():
-            _put(model, name, tensor)
-        model.kind = "torchscript"
-        model.artifacts["torchscript"] = np.frombuffer(path.read_bytes(), dtype=np.uint8)
-        return
-    for name, tensor in _torch_state_dict(path).items():
+def _load_pytorch(model: NamespaceModel, path: Path, root: Path, max_unpacked_bytes: int) -> None:
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as archive:
+            if is_torchscript(archive):
+                reader = TorchScriptArchive(archive, max_unpacked_bytes)
+                for name, record in reader.tensors().items():
+                    _put_array(model, name, reader.array(record), record.storage.real_dtype)
+                model.kind = "torchscript"
+                # Kept as bytes: only a plugin, in the tenant's own process, builds the module.
+                model.artifacts["torchscript"] = np.fromfile(path, dtype=np.uint8)
+                return
+    for name, tensor in _torch_state_dict(path, root).items():
         _put(model, name, tensor)
     model.kind = "state_dict"
 
 
-def _torch_state_dict(path: Path) -> dict[str, Any]:
+def _relative(path: Path, root: Path) -> str:
+    """A file's name as the tenant knows it: its path inside the archive."""
+    try:
+        return str(path.relative_to(root))
+    except ValueError:
+        return path.name
+
+
+def _first_line(error: BaseException) -> str:
+    """The gist of a library's message about the tenant's model, without paths of ours."""
+    text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return text[:300]
+
+
+def _torch_state_dict(path: Path, root: Path) -> dict[str, Any]:
     import torch
 
     try:
@@ -171,10 +267,10 @@ def _torch_state_dict(path: Path) -> dict[str, Any]:
         if isinstance(error, pickle.UnpicklingError) or "weights_only" in str(error):
             raise DecodeError(
                 "UNSAFE_PICKLE",
-                f"{path.name} needs arbitrary code to unpickle; save a state_dict (tensors only) "
+                f"{_relative(path, root)} needs arbitrary code to unpickle; save a state_dict (tensors only) "
                 "or use safetensors",
             ) from None
-        raise DecodeError("CORRUPT_WEIGHTS", f"{path.name} cannot be read by torch.load: {error}") from None
+        raise DecodeError("CORRUPT_WEIGHTS", f"{_relative(path, root)} cannot be read as a PyTorch state_dict") from None
     if isinstance(loaded, dict) and isinstance(loaded.get("state_dict"), dict):
         loaded = loaded["state_dict"]
     if not isinstance(loaded, dict):
@@ -199,10 +295,20 @@ def _load_huggingface(model: NamespaceModel, files: list[Path], root: Path) -> N
         if not torch_files:
             raise DecodeError("FORMAT_FILE_MISSING", f"no weights (.safetensors or .bin) beside {HF_CONFIG}")
         for path in torch_files:
-            for name, tensor in _torch_state_dict(path).items():
+            for name, tensor in _torch_state_dict(path, root).items():
                 _put(model, name, tensor)
     weights = set(safetensors_files) | {p for p in inside if p.name.endswith(TORCH_SUFFIXES + (ONNX_SUFFIX,))}
+    kept = 0
     for path in inside:
-        if path not in weights and path.stat().st_size <= MAX_COMPANION_FILE_BYTES:
-            model.files[str(path.relative_to(model_dir))] = path.read_bytes()
+        size = path.stat().st_size
+        if path in weights or size > MAX_COMPANION_FILE_BYTES:
+            continue
+        kept += size
+        if kept > MAX_COMPANION_FILES_TOTAL_BYTES or len(model.files) >= MAX_COMPANION_FILES:
+            raise DecodeError(
+                "TOO_MANY_COMPANION_FILES",
+                f"the files beside {HF_CONFIG} exceed {MAX_COMPANION_FILES} files or "
+                f"{MAX_COMPANION_FILES_TOTAL_BYTES} bytes",
+            )
+        model.files[str(path.relative_to(model_dir))] = path.read_bytes()
     model.kind = "huggingface"

@@ -29,8 +29,15 @@ def read_archive(store: StoreConfig, archive_key: str) -> Iterator[bytes]:
                 yield chunk
         return
     import boto3
+    from botocore.config import Config
 
-    client: Any = boto3.client("s3", endpoint_url=store.endpoint_url or None, region_name=store.region or None)
+    client: Any = boto3.client(
+        "s3", endpoint_url=store.endpoint_url or None, region_name=store.region or None,
+        config=Config(
+            connect_timeout=store.timeout_seconds, read_timeout=store.timeout_seconds,
+            retries={"max_attempts": 3, "mode": "standard"},
+        ),
+    )
     body = client.get_object(Bucket=store.bucket, Key=store.prefix + archive_key)["Body"]
     try:
         yield from body.iter_chunks(READ_CHUNK)
@@ -39,17 +46,27 @@ def read_archive(store: StoreConfig, archive_key: str) -> Iterator[bytes]:
 
 
 class _DiskWriter(MemberHandler):
+    """Writes members under the root. The tar reader has already refused unsafe and
+    duplicate paths; the writer still creates each file exclusively (never through an
+    existing file or link), and reports a clash as a bad archive, not as a server path."""
+
     def __init__(self, root: Path) -> None:
         self._root = root
         self._handle: IO[bytes] | None = None
 
     def on_member_start(self, member: TarMember) -> None:
         target = self._root / member.path
-        if member.is_directory:
-            target.mkdir(parents=True, exist_ok=True)
-            return
-        target.parent.mkdir(parents=True, exist_ok=True)
-        self._handle = target.open("wb")
+        try:
+            if member.is_directory:
+                target.mkdir(parents=True, exist_ok=True)
+                return
+            target.parent.mkdir(parents=True, exist_ok=True)
+            self._handle = target.open("xb")
+        except OSError:
+            raise InvalidArchive(
+                f"member {member.path!r} clashes with another member of the archive",
+                check="member_path", member=member.path,
+            ) from None
 
     def on_member_data(self, data: memoryview) -> None:
         if self._handle is not None:

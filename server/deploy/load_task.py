@@ -9,18 +9,24 @@ stores once in the object store, owned by the cache actor).
 
 from __future__ import annotations
 
+import logging
+import os
 import shutil
 import tempfile
 import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from modelservice_sdk.model import NamespaceModel
-from server.deploy.decoding import DecodeError, decode_model
+from server.deploy.decoding import decode_model
+from server.deploy.errors import DecodeError
 from server.deploy.extraction import extract_archive, read_archive
 from server.deploy.specs import LoadSpec, LoadSummary
 from server.errors import ModelServiceError
+
+logger = logging.getLogger(__name__)
 
 PROGRESS_INTERVAL_SECONDS = 0.25
 
@@ -34,6 +40,10 @@ def run_load(spec: LoadSpec, report: Reporter, node_id: str = "") -> tuple[Names
     started = time.monotonic()
     stage = DOWNLOAD
     scratch = Path(tempfile.mkdtemp(prefix=f"modelservice-load-{spec.model_id}-", dir=spec.scratch_dir or None))
+    # The task works inside its own empty scratch directory: a relative path that any
+    # library resolves finds nothing but this model's files.
+    previous_directory = os.getcwd()
+    os.chdir(scratch)
     try:
         extracted = scratch / "model"
         extracted.mkdir()
@@ -54,7 +64,9 @@ def run_load(spec: LoadSpec, report: Reporter, node_id: str = "") -> tuple[Names
         report({"state": "decoding"})
         if extraction.error is not None:
             raise extraction.error
-        model = decode_model(extracted, spec.model_id, spec.model_format, extraction.sha256)
+        model = decode_model(
+            extracted, spec.model_id, spec.model_format, extraction.sha256, max_unpacked_bytes=spec.max_unpacked_bytes
+        )
         stage = CACHE
         report({"state": "caching", "message": f"{len(model.tensors)} tensors, {model.nbytes} bytes"})
         summary = LoadSummary(ok=True, node_id=node_id, nbytes=model.nbytes, seconds=time.monotonic() - started)
@@ -63,9 +75,17 @@ def run_load(spec: LoadSpec, report: Reporter, node_id: str = "") -> tuple[Names
         return None, _failed(node_id, started, stage, error.reason, error.message)
     except ModelServiceError as error:
         return None, _failed(node_id, started, stage, error.reason, error.message)
-    except Exception as error:  # a load must end in a state, whatever broke
-        return None, _failed(node_id, started, stage, "LOAD_ERROR", f"{type(error).__name__}: {error}")
+    except Exception:  # a load must end in a state, whatever broke
+        # The detail (paths, hosts, exception types) stays in the worker's log; the tenant
+        # gets a reference to quote.
+        reference = uuid.uuid4().hex[:12]
+        logger.exception("load %s of model %s failed (reference %s)", spec.task_id, spec.model_id, reference)
+        return None, _failed(
+            node_id, started, stage, "LOAD_ERROR",
+            f"the load failed unexpectedly at the {stage} stage (reference {reference}); try again or contact the operator",
+        )
     finally:
+        os.chdir(previous_directory)
         # Safe even though safetensors tensors are memory maps of these files: a mapping
         # keeps its pages readable after the unlink, until Ray has copied them into the
         # object store and the arrays are gone.
