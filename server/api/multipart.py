@@ -19,6 +19,9 @@ from server.errors import InvalidArgument, UploadIncomplete
 
 FILE_FIELD = "file"
 MAX_FIELDS_BYTES = 256 * 1024
+"""Budget of everything before the file part: field values, names and part headers."""
+MAX_FIELDS = 64
+MAX_PART_HEADER_BYTES = 8 * 1024
 
 
 def is_multipart(content_type: str) -> bool:
@@ -42,8 +45,8 @@ class FormReader:
             boundary,
             {
                 "on_part_begin": lambda: self._events.append(("part", None)),
-                "on_header_field": lambda d, s, e: self._header_name.extend(d[s:e]),
-                "on_header_value": lambda d, s, e: self._header_value.extend(d[s:e]),
+                "on_header_field": lambda d, s, e: self._header_bytes(self._header_name, d[s:e]),
+                "on_header_value": lambda d, s, e: self._header_bytes(self._header_value, d[s:e]),
                 "on_header_end": self._header_end,
                 "on_headers_finished": lambda: self._events.append(("headers_done", None)),
                 "on_part_data": lambda d, s, e: self._events.append(("data", bytes(d[s:e]))),
@@ -51,6 +54,14 @@ class FormReader:
                 "on_end": lambda: self._events.append(("end", None)),
             },
         )
+
+    def _header_bytes(self, target: bytearray, data: bytes) -> None:
+        target.extend(data)
+        if len(self._header_name) + len(self._header_value) > MAX_PART_HEADER_BYTES:
+            raise InvalidArgument(
+                f"a form part header is longer than {MAX_PART_HEADER_BYTES} bytes",
+                field="body", limit=MAX_PART_HEADER_BYTES,
+            )
 
     def _header_end(self) -> None:
         self._events.append(("header", (bytes(self._header_name).lower(), bytes(self._header_value))))
@@ -68,8 +79,10 @@ class FormReader:
                     self._parser.finalize()
                 else:
                     self._parser.write(chunk)
-            except Exception as error:  # python-multipart raises its own parse error types
-                raise InvalidArgument(f"the multipart form is malformed: {error}", field="body") from None
+            except InvalidArgument:
+                raise
+            except Exception:  # python-multipart raises its own parse error types
+                raise InvalidArgument("the multipart form is malformed", field="body") from None
         return self._events.popleft()
 
     async def fields_then_file(self) -> tuple[dict[str, str], AsyncIterator[bytes]]:
@@ -85,6 +98,11 @@ class FormReader:
             name = await self._part_name()
             if name == FILE_FIELD:
                 return fields, self._part_data()
+            size += len(name)
+            if len(fields) >= MAX_FIELDS:
+                raise InvalidArgument(
+                    f"the form has more than {MAX_FIELDS} fields before its file", field="body", limit=MAX_FIELDS
+                )
             value = bytearray()
             async for data in self._part_data():
                 size += len(data)

@@ -10,7 +10,7 @@ from modelservice.v1 import model_service_pb2 as pb
 from modelservice.v1 import model_service_pb2_grpc as pb_grpc
 
 from server.api import converters
-from server.api.upload_stream import split_upload_stream
+from server.api.upload_stream import open_upload_stream
 from server.core.catalog import ModelCatalog
 from server.core.deletion import DeletionService
 from server.core.deployments import DeploymentService
@@ -35,9 +35,9 @@ class ModelServiceServicer(pb_grpc.ModelServiceServicer):
     async def UploadModel(
         self, request_iterator: AsyncIterator[pb.UploadModelRequest], context: Context
     ) -> pb.UploadModelResponse:
-        declaration, chunks = await split_upload_stream(request_iterator)
+        upload = await open_upload_stream(request_iterator)
         token = _api_key(context)
-        model = await self._uploads.upload(token, declaration, chunks)
+        model = await self._uploads.upload(token, upload.namespace_id, upload.read_declaration)
         return converters.upload_response(model)
 
     async def GetModel(self, request: pb.GetModelRequest, context: Context) -> pb.GetModelResponse:

@@ -9,7 +9,8 @@ archive with its metadata in query parameters.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 
 from modelservice.v1 import model_service_pb2 as pb
 
@@ -21,18 +22,36 @@ from server.errors import InvalidArgument, UploadIncomplete
 _METADATA_FIELDS = ("namespace_id", "name", "version", "model_format")
 
 
-async def split_upload_stream(
-    requests: AsyncIterator[pb.UploadModelRequest],
-) -> tuple[UploadDeclaration, AsyncIterator[bytes]]:
+DeclarationReader = Callable[[], Awaitable[tuple[UploadDeclaration, AsyncIterator[bytes]]]]
+
+
+@dataclass(frozen=True)
+class OpenedUpload:
+    """An upload whose first message was read: its namespace is known, its form is not.
+
+    The namespace is enough to authorize the caller; only then does `read_declaration`
+    parse the multipart form (if any), so an unauthenticated caller cannot make the
+    service parse anything of its body.
+    """
+
+    namespace_id: str
+    read_declaration: DeclarationReader
+
+
+async def open_upload_stream(requests: AsyncIterator[pb.UploadModelRequest]) -> OpenedUpload:
     first = await anext(aiter(requests), None)
     if first is None:
         raise UploadIncomplete("the upload stream ended before its metadata message")
     declaration = declaration_from_request(first)
-    if is_multipart(first.http_body.content_type):
-        form = FormReader(first.http_body.content_type, _archive_bytes(first, requests))
-        fields, file_bytes = await form.fields_then_file()
-        return _with_form_fields(declaration, fields), _then_drain(file_bytes, form)
-    return declaration, _archive_bytes(first, requests)
+
+    async def read_declaration() -> tuple[UploadDeclaration, AsyncIterator[bytes]]:
+        if is_multipart(first.http_body.content_type):
+            form = FormReader(first.http_body.content_type, _archive_bytes(first, requests))
+            fields, file_bytes = await form.fields_then_file()
+            return _with_form_fields(declaration, fields), _then_drain(file_bytes, form)
+        return declaration, _archive_bytes(first, requests)
+
+    return OpenedUpload(namespace_id=declaration.namespace_id, read_declaration=read_declaration)
 
 
 _NUMERIC_FIELDS = ("num_cpus", "num_gpus", "memory_gb")

@@ -1,7 +1,11 @@
 """Archive compression: detection by magic bytes and push-style inflaters.
 
 Inflaters emit their output in bounded slices (at most 4 MiB per step), so a small
-compressed chunk that expands hugely never materialises at once.
+compressed chunk that expands hugely never materialises at once. They accept exactly one
+compressed archive: a gzip with a second concatenated stream, or bytes after the end of
+the stream, is refused (tools disagree on whether such a tail belongs to the archive, so
+a hidden member could pass one reader and not another), and so is a zstd stream that
+stops inside a frame.
 """
 
 from __future__ import annotations
@@ -66,7 +70,7 @@ class _Passthrough:
 
 
 class _GzipInflater:
-    """Inflates gzip (also multi-member) with at most 4 MiB of output per step."""
+    """Inflates one gzip stream with at most 4 MiB of output per step."""
 
     def __init__(self, sink: _Sink) -> None:
         self._sink = sink
@@ -75,18 +79,18 @@ class _GzipInflater:
     def feed(self, data: bytes) -> None:
         pending = data
         while pending:
+            if self._inflater.eof:
+                raise InvalidArchive(
+                    "data follows the end of the gzip stream (a second stream or junk); upload one archive",
+                    check="gzip_trailing_data",
+                )
             try:
                 out = self._inflater.decompress(pending, _INFLATE_STEP)
-            except zlib.error as error:
-                raise InvalidArchive(f"the gzip stream is corrupt: {error}", check="gzip") from None
+            except zlib.error:
+                raise InvalidArchive("the gzip stream is corrupt", check="gzip") from None
             if out:
                 self._sink(out)
-            if self._inflater.eof:
-                pending = self._inflater.unused_data
-                if pending:
-                    self._inflater = zlib.decompressobj(wbits=31)
-            else:
-                pending = self._inflater.unconsumed_tail
+            pending = self._inflater.unused_data if self._inflater.eof else self._inflater.unconsumed_tail
 
     def finish(self) -> None:
         if not self._inflater.eof:
@@ -94,9 +98,14 @@ class _GzipInflater:
 
 
 class _ZstdInflater:
-    """Inflates zstd through a stream writer whose output arrives in bounded slices."""
+    """Inflates zstd through a stream writer whose output arrives in bounded slices.
+
+    The writer cannot tell whether the input stopped inside a frame, so a `ZstdFrameWalker`
+    follows the frame and block headers beside it (no decompression, a few bytes of state).
+    """
 
     def __init__(self, sink: _Sink) -> None:
+        self._frames = ZstdFrameWalker()
         self._writer: Any = zstandard.ZstdDecompressor().stream_writer(
             _CallbackFile(sink),  # type: ignore[arg-type]  # any object with write() will do
             write_size=_INFLATE_STEP,
@@ -104,16 +113,115 @@ class _ZstdInflater:
         )
 
     def feed(self, data: bytes) -> None:
+        self._frames.feed(data)
         try:
             self._writer.write(data)
-        except zstandard.ZstdError as error:
-            raise InvalidArchive(f"the zstd stream is corrupt: {error}", check="zstd") from None
+        except zstandard.ZstdError:
+            raise InvalidArchive("the zstd stream is corrupt", check="zstd") from None
 
     def finish(self) -> None:
         try:
             self._writer.flush()
-        except zstandard.ZstdError as error:
-            raise InvalidArchive(f"the zstd stream is corrupt: {error}", check="zstd") from None
+        except zstandard.ZstdError:
+            raise InvalidArchive("the zstd stream is corrupt", check="zstd") from None
+        self._frames.finish()
+
+
+_ZSTD_MAGIC = 0xFD2FB528
+_SKIPPABLE_MAGIC_MASK, _SKIPPABLE_MAGIC = 0xFFFFFFF0, 0x184D2A50
+
+
+class ZstdFrameWalker:
+    """Follows zstd frame structure (RFC 8878) to know whether the input ended cleanly.
+
+    States: reading a frame's magic number, its header, a block header, skipping a block's
+    (or a skippable frame's) content, reading the checksum. Only header bytes are parsed.
+    """
+
+    def __init__(self) -> None:
+        self._need = 4  # bytes wanted for the current field
+        self._field = bytearray()
+        self._state = "magic"
+        self._skip = 0
+        self._checksum = False
+        self._frames = 0
+
+    def feed(self, data: bytes) -> None:
+        view = memoryview(data)
+        position = 0
+        while position < len(view):
+            if self._skip:
+                taken = min(self._skip, len(view) - position)
+                self._skip -= taken
+                position += taken
+                if not self._skip:
+                    self._after_content()
+                continue
+            taken = min(self._need - len(self._field), len(view) - position)
+            self._field += view[position : position + taken]
+            position += taken
+            if len(self._field) == self._need:
+                field, self._field = bytes(self._field), bytearray()
+                self._on_field(field)
+
+    def finish(self) -> None:
+        if self._state != "magic" or self._field or self._skip or not self._frames:
+            raise InvalidArchive("the zstd stream is truncated (it stops inside a frame)", check="zstd")
+
+    def _expect(self, state: str, size: int) -> None:
+        self._state, self._need = state, size
+
+    def _on_field(self, field: bytes) -> None:
+        if self._state == "magic":
+            magic = int.from_bytes(field, "little")
+            if magic == _ZSTD_MAGIC:
+                self._expect("descriptor", 1)
+            elif magic & _SKIPPABLE_MAGIC_MASK == _SKIPPABLE_MAGIC:
+                self._expect("skippable_size", 4)
+            else:
+                raise InvalidArchive("the zstd stream is corrupt (bad frame magic)", check="zstd")
+        elif self._state == "skippable_size":
+            self._state = "skippable"
+            self._skip = int.from_bytes(field, "little")
+            if not self._skip:
+                self._after_content()
+        elif self._state == "descriptor":
+            descriptor = field[0]
+            content_size_flag, single_segment = descriptor >> 6, (descriptor >> 5) & 1
+            self._checksum = bool((descriptor >> 2) & 1)
+            dictionary_bytes = (0, 1, 2, 4)[descriptor & 3]
+            content_size_bytes = (single_segment, 2, 4, 8)[content_size_flag]
+            rest = (0 if single_segment else 1) + dictionary_bytes + content_size_bytes
+            if rest:
+                self._expect("frame_header", rest)
+            else:
+                self._expect("block_header", 3)
+        elif self._state == "frame_header":
+            self._expect("block_header", 3)
+        elif self._state == "block_header":
+            header = int.from_bytes(field, "little")
+            last, block_type, size = header & 1, (header >> 1) & 3, header >> 3
+            if block_type == 3:
+                raise InvalidArchive("the zstd stream is corrupt (reserved block type)", check="zstd")
+            self._state = "last_block" if last else "block"
+            self._skip = 1 if block_type == 1 else size  # an RLE block stores one byte
+            if not self._skip:
+                self._after_content()
+        elif self._state == "checksum":
+            self._end_frame()
+
+    def _after_content(self) -> None:
+        if self._state == "block":
+            self._expect("block_header", 3)
+        elif self._state == "last_block" and self._checksum:
+            self._expect("checksum", 4)
+        else:  # the last block without checksum, or a skippable frame
+            self._end_frame()
+
+    def _end_frame(self) -> None:
+        if self._state != "skippable":
+            self._frames += 1
+        self._expect("magic", 4)
 
 
 class _CallbackFile:

@@ -8,7 +8,6 @@ PyTorch files. Deep checks that need the whole weights (unpickling with
 
 from __future__ import annotations
 
-import json
 import math
 import posixpath
 from dataclasses import dataclass, field
@@ -16,6 +15,7 @@ from typing import NoReturn
 
 import numpy as np
 
+from server.archives.json_documents import parse_json_object
 from server.archives.tar_stream import TarMember
 from server.core.models import ModelFormat
 from server.errors import InvalidArchive
@@ -25,6 +25,7 @@ ONNX_SUFFIX = ".onnx"
 TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 HF_CONFIG = "config.json"
 MAX_SAFETENSORS_HEADER = 16 * 1024 * 1024
+MAX_SAFETENSORS_DIMENSIONS = 16
 MAX_CONFIG_BYTES = 1024 * 1024
 _HEAD_BYTES = 64
 
@@ -53,22 +54,27 @@ class _Member:
 
 
 class FormatEvidence:
-    """Collects member heads for the format checks; bounded memory."""
+    """Collects member heads for the format checks.
+
+    Memory stays bounded: a member's head is dropped once checked, and what is kept per
+    member is a path of the weight files and of the directories holding a config.json
+    (the verdict needs nothing more).
+    """
 
     def __init__(self, declared: ModelFormat) -> None:
         self.declared = declared
-        self.file_paths: list[str] = []
+        self.file_count = 0
         self.weight_paths: list[str] = []
         self.safetensors_files: list[str] = []
         self.onnx_files: list[str] = []
         self.torch_files: list[str] = []
-        self.configs: dict[str, dict[str, object]] = {}  # directory -> parsed config.json
+        self.config_directories: set[str] = set()
         self._current: _Member | None = None
 
     def start_member(self, member: TarMember) -> None:
         if member.is_directory:
             return
-        self.file_paths.append(member.path)
+        self.file_count += 1
         name = posixpath.basename(member.path)
         if name.endswith(SAFETENSORS_SUFFIX):
             wanted = 8  # grows to 8 + header length once the length is read
@@ -119,7 +125,8 @@ class FormatEvidence:
             self.safetensors_files.append(current.path)
             self.weight_paths.append(current.path)
         elif name == HF_CONFIG:
-            self.configs[directory] = _parse_config(current.path, head)
+            parse_json_object(head, member=current.path, check="config_json")
+            self.config_directories.add(directory)
         elif name.endswith(ONNX_SUFFIX):
             if _looks_like_onnx(head):
                 self.onnx_files.append(current.path)
@@ -150,10 +157,10 @@ def check_format(evidence: FormatEvidence) -> None:
     if declared is ModelFormat.PYTORCH and not evidence.torch_files:
         _missing(declared, "no PyTorch file (.pt, .pth, .bin, .ckpt)")
     if declared is ModelFormat.HUGGINGFACE:
-        if not evidence.configs:
+        if not evidence.config_directories:
             _missing(declared, f"no {HF_CONFIG}")
         weights = evidence.safetensors_files + evidence.torch_files
-        if not any(_is_within(w, directory) for w in weights for directory in evidence.configs):
+        if not any(_has_config_above(weight, evidence.config_directories) for weight in weights):
             _missing(declared, f"no weights (.safetensors or .bin) beside {HF_CONFIG}")
 
 
@@ -164,12 +171,7 @@ def validate_safetensors_header(path: str, head: bytes, file_size: int) -> dict[
     header_length = int.from_bytes(head[:8], "little")
     if len(head) < 8 + header_length or file_size < 8 + header_length:
         _bad_safetensors(path, "the file ends inside its header")
-    try:
-        header = json.loads(head[8 : 8 + header_length])
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        _bad_safetensors(path, "the header is not valid JSON")
-    if not isinstance(header, dict):
-        _bad_safetensors(path, "the header is not a JSON object")
+    header = parse_json_object(head[8 : 8 + header_length], member=f"{path}'s header", check="safetensors")
     parsed: dict[str, object] = header
     data_size = file_size - 8 - header_length
     spans: list[tuple[int, int]] = []
@@ -179,14 +181,18 @@ def validate_safetensors_header(path: str, head: bytes, file_size: int) -> dict[
         if not isinstance(info, dict):
             _bad_safetensors(path, f"tensor {name!r} has no description")
         dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
-        if dtype not in SAFETENSORS_DTYPE_BYTES:
-            _bad_safetensors(path, f"tensor {name!r} has unknown dtype {dtype!r}")
-        if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
+        if not isinstance(dtype, str) or dtype not in SAFETENSORS_DTYPE_BYTES:
+            _bad_safetensors(path, f"tensor {name!r} has an unknown dtype")
+        if not (
+            isinstance(shape, list)
+            and len(shape) <= MAX_SAFETENSORS_DIMENSIONS
+            and all(type(d) is int and d >= 0 for d in shape)
+        ):
             _bad_safetensors(path, f"tensor {name!r} has a bad shape")
         if not (
             isinstance(offsets, list)
             and len(offsets) == 2
-            and all(isinstance(o, int) for o in offsets)
+            and all(type(o) is int for o in offsets)
             and 0 <= offsets[0] <= offsets[1]
         ):
             _bad_safetensors(path, f"tensor {name!r} has bad data_offsets")
@@ -211,17 +217,6 @@ def _bad_safetensors(path: str, why: str) -> NoReturn:
     raise InvalidArchive(f"{path} is not a valid safetensors file: {why}", check="safetensors", member=path)
 
 
-def _parse_config(path: str, head: bytes) -> dict[str, object]:
-    try:
-        config = json.loads(head)
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise InvalidArchive(f"{path} is not valid JSON", check="config_json", member=path) from None
-    if not isinstance(config, dict):
-        raise InvalidArchive(f"{path} is not a JSON object", check="config_json", member=path)
-    parsed: dict[str, object] = config
-    return parsed
-
-
 def _looks_like_onnx(head: bytes) -> bool:
     # A serialized ModelProto starts with field 1 (ir_version, varint): tag byte 0x08,
     # followed by a small version number. Nothing else in our accepted set starts so.
@@ -233,8 +228,15 @@ def _looks_like_torch(head: bytes) -> bool:
     return head.startswith(_ZIP_MAGIC) or (len(head) >= 2 and head[0] == _PICKLE_PROTOCOL_MARK and 2 <= head[1] <= 5)
 
 
-def _is_within(path: str, directory: str) -> bool:
-    return directory == "" or path.startswith(directory + "/")
+def _has_config_above(path: str, config_directories: set[str]) -> bool:
+    """Whether a directory holding `path` (at any depth) also holds a config.json."""
+    directory = posixpath.dirname(path)
+    while True:
+        if directory in config_directories:
+            return True
+        if not directory:
+            return False
+        directory = posixpath.dirname(directory)
 
 
 def _missing(declared: ModelFormat, what: str) -> NoReturn:

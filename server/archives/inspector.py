@@ -40,7 +40,7 @@ class ArchiveReport:
     compression: Compression
     member_count: int
     unpacked_bytes: int
-    files: list[str] = field(default_factory=list)
+    file_count: int = 0
     weight_files: list[str] = field(default_factory=list)
 
 
@@ -92,7 +92,7 @@ class ArchiveInspector:
             compression=self._compression,
             member_count=self._tar.member_count,
             unpacked_bytes=self._unpacked_bytes,
-            files=self._evidence.file_paths,
+            file_count=self._evidence.file_count,
             weight_files=self._evidence.weight_paths,
         )
 

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import datetime
 import os
 import uuid
 from dataclasses import dataclass
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, Protocol
 
+from server.dependencies import ArchiveStoreUnavailable, bounded
 from server.errors import InvalidArgument
 
 S3_MIN_PART_BYTES = 5 * 1024 * 1024
@@ -27,7 +28,6 @@ class PendingUpload:
 
     key: str
     upload_id: str
-    started_at: datetime.datetime
 
 
 class ArchiveWriter(Protocol):
@@ -61,6 +61,10 @@ class ArchiveStore(Protocol):
 
     async def list_pending(self) -> list[PendingUpload]: ...
 
+    async def probe(self) -> None:
+        """Raises unless the store answers (for the dependency monitor)."""
+        ...
+
 
 class S3ArchiveStore:
     """Archives in an S3 bucket, written with multipart uploads of bounded memory."""
@@ -73,6 +77,7 @@ class S3ArchiveStore:
         prefix: str,
         part_bytes: int,
         parts_in_flight: int,
+        request_timeout_seconds: float = 30.0,
     ) -> None:
         if part_bytes < S3_MIN_PART_BYTES:
             raise InvalidArgument(f"S3 parts must be at least {S3_MIN_PART_BYTES} bytes")
@@ -81,6 +86,18 @@ class S3ArchiveStore:
         self._prefix = prefix
         self._part_bytes = part_bytes
         self._parts_in_flight = max(1, parts_in_flight)
+        self._timeout = request_timeout_seconds
+
+    async def _request(self, call: Awaitable[Any]) -> Any:
+        """One S3 request, bounded in time whatever the client's own timeouts do (a PUT
+        whose peer stopped reading blocks on the write, where read timeouts do not apply)."""
+        return await bounded(
+            call, self._timeout,
+            ArchiveStoreUnavailable(f"the archive store did not answer within {self._timeout:g}s; retry shortly", dependency="s3"),
+        )
+
+    async def probe(self) -> None:
+        await self._request(self._client.head_bucket(Bucket=self._bucket))
 
     @property
     def bucket(self) -> str:
@@ -105,9 +122,7 @@ class S3ArchiveStore:
                 await self._client.create_bucket(Bucket=self._bucket)
 
     async def open_writer(self, key: str) -> ArchiveWriter:
-        created = await self._client.create_multipart_upload(
-            Bucket=self._bucket, Key=self.object_key(key)
-        )
+        created = await self._request(self._client.create_multipart_upload(Bucket=self._bucket, Key=self.object_key(key)))
         return _S3MultipartWriter(
             self._client,
             self._bucket,
@@ -115,15 +130,16 @@ class S3ArchiveStore:
             created["UploadId"],
             part_bytes=self._part_bytes,
             parts_in_flight=self._parts_in_flight,
+            request=self._request,
         )
 
     async def delete(self, key: str) -> None:
-        await self._client.delete_object(Bucket=self._bucket, Key=self.object_key(key))
+        await self._request(self._client.delete_object(Bucket=self._bucket, Key=self.object_key(key)))
 
     async def abort_pending(self, key: str, upload_id: str) -> None:
         with contextlib.suppress(self._client.exceptions.NoSuchUpload):
-            await self._client.abort_multipart_upload(
-                Bucket=self._bucket, Key=self.object_key(key), UploadId=upload_id
+            await self._request(
+                self._client.abort_multipart_upload(Bucket=self._bucket, Key=self.object_key(key), UploadId=upload_id)
             )
 
     async def list_pending(self) -> list[PendingUpload]:
@@ -132,11 +148,7 @@ class S3ArchiveStore:
         async for page in paginator.paginate(Bucket=self._bucket, Prefix=self._prefix):
             for upload in page.get("Uploads", []):
                 pending.append(
-                    PendingUpload(
-                        key=upload["Key"].removeprefix(self._prefix),
-                        upload_id=upload["UploadId"],
-                        started_at=upload["Initiated"],
-                    )
+                    PendingUpload(key=upload["Key"].removeprefix(self._prefix), upload_id=upload["UploadId"])
                 )
         return pending
 
@@ -158,8 +170,10 @@ class _S3MultipartWriter:
         *,
         part_bytes: int,
         parts_in_flight: int,
+        request: Callable[[Awaitable[Any]], Awaitable[Any]],
     ) -> None:
         self._client = client
+        self._request = request
         self._bucket = bucket
         self._key = object_key
         self._upload_id = upload_id
@@ -194,11 +208,10 @@ class _S3MultipartWriter:
             await self._send_part()  # the last part may be short (or empty for an empty file)
         await asyncio.gather(*self._tasks)
         parts = [{"PartNumber": n, "ETag": self._etags[n]} for n in sorted(self._etags)]
-        await self._client.complete_multipart_upload(
-            Bucket=self._bucket,
-            Key=self._key,
-            UploadId=self._upload_id,
-            MultipartUpload={"Parts": parts},
+        await self._request(
+            self._client.complete_multipart_upload(
+                Bucket=self._bucket, Key=self._key, UploadId=self._upload_id, MultipartUpload={"Parts": parts}
+            )
         )
 
     async def abort(self) -> None:
@@ -207,8 +220,8 @@ class _S3MultipartWriter:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._buffer = bytearray()
         with contextlib.suppress(self._client.exceptions.NoSuchUpload):
-            await self._client.abort_multipart_upload(
-                Bucket=self._bucket, Key=self._key, UploadId=self._upload_id
+            await self._request(
+                self._client.abort_multipart_upload(Bucket=self._bucket, Key=self._key, UploadId=self._upload_id)
             )
 
     async def _send_part(self) -> None:
@@ -221,12 +234,10 @@ class _S3MultipartWriter:
 
     async def _upload_part(self, part_number: int, part: bytes) -> None:
         try:
-            response = await self._client.upload_part(
-                Bucket=self._bucket,
-                Key=self._key,
-                UploadId=self._upload_id,
-                PartNumber=part_number,
-                Body=part,
+            response = await self._request(
+                self._client.upload_part(
+                    Bucket=self._bucket, Key=self._key, UploadId=self._upload_id, PartNumber=part_number, Body=part
+                )
             )
             self._etags[part_number] = response["ETag"]
         finally:
@@ -263,30 +274,41 @@ class LocalArchiveStore:
     def url_for(self, key: str) -> str:
         return self.path_for(key).as_uri()
 
+    async def probe(self) -> None:
+        def writable() -> None:
+            self._root.mkdir(parents=True, exist_ok=True)
+            if not os.access(self._root, os.W_OK):
+                raise PermissionError(f"{self._root} is not writable")
+
+        await asyncio.to_thread(writable)
+
     async def open_writer(self, key: str) -> ArchiveWriter:
         final = self.path_for(key)
         upload_id = uuid.uuid4().hex
         partial = final.with_name(final.name + self._PARTIAL + upload_id)
         await asyncio.to_thread(final.parent.mkdir, parents=True, exist_ok=True)
         handle = await asyncio.to_thread(partial.open, "xb")
-        return _LocalFileWriter(handle, partial, final, upload_id)
+        return _LocalFileWriter(handle, partial, final, upload_id, self._root)
 
     async def delete(self, key: str) -> None:
-        await asyncio.to_thread(self.path_for(key).unlink, missing_ok=True)
+        await asyncio.to_thread(self._remove, self.path_for(key))
 
     async def abort_pending(self, key: str, upload_id: str) -> None:
         final = self.path_for(key)
-        partial = final.with_name(final.name + self._PARTIAL + upload_id)
-        await asyncio.to_thread(partial.unlink, missing_ok=True)
+        await asyncio.to_thread(self._remove, final.with_name(final.name + self._PARTIAL + upload_id))
+
+    def _remove(self, path: Path) -> None:
+        """Removes a file and the directories it leaves empty (up to the store's root)."""
+        path.unlink(missing_ok=True)
+        prune_empty_parents(path, self._root)
 
     async def list_pending(self) -> list[PendingUpload]:
         def scan() -> list[PendingUpload]:
             found = []
             for partial in self._root.rglob(f"*{self._PARTIAL}*"):
                 name, _, upload_id = partial.name.partition(self._PARTIAL)
-                started = datetime.datetime.fromtimestamp(partial.stat().st_mtime, datetime.UTC)
                 key = str(partial.with_name(name).relative_to(self._root))
-                found.append(PendingUpload(key=key, upload_id=upload_id, started_at=started))
+                found.append(PendingUpload(key=key, upload_id=upload_id))
             return found
 
         if not self._root.exists():
@@ -294,12 +316,24 @@ class LocalArchiveStore:
         return await asyncio.to_thread(scan)
 
 
+def prune_empty_parents(path: Path, root: Path) -> None:
+    """Removes the empty directories from `path`'s parent up to (not including) `root`."""
+    directory = path.parent
+    while directory != root and directory.is_relative_to(root):
+        try:
+            directory.rmdir()
+        except OSError:  # not empty (another upload's files), or already gone
+            return
+        directory = directory.parent
+
+
 class _LocalFileWriter:
-    def __init__(self, handle: Any, partial: Path, final: Path, upload_id: str) -> None:
+    def __init__(self, handle: Any, partial: Path, final: Path, upload_id: str, root: Path) -> None:
         self._handle = handle
         self._partial = partial
         self._final = final
         self._upload_id = upload_id
+        self._root = root
         self._peak = 0
 
     @property
@@ -327,5 +361,6 @@ class _LocalFileWriter:
         def discard() -> None:
             self._handle.close()
             self._partial.unlink(missing_ok=True)
+            prune_empty_parents(self._partial, self._root)
 
         await asyncio.to_thread(discard)

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import datetime
 import hashlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
 from server.archives.inspector import ArchiveInspector, InspectionLimits
@@ -24,7 +25,7 @@ from server.archives.stores import ArchiveStore, ArchiveWriter
 from server.core.models import ModelMetadata, StoredModel, utc_now
 from server.core.tenancy import TenancyService
 from server.core.validation import UploadDeclaration, validate_declaration
-from server.errors import ArchiveTooLarge, ChecksumMismatch, InvalidArchive
+from server.errors import ArchiveTooLarge, ChecksumMismatch, InvalidArchive, InvalidArgument
 from server.persistence.mongo import ModelRepository
 
 logger = logging.getLogger(__name__)
@@ -68,10 +69,15 @@ class UploadService:
     async def upload(
         self,
         bearer_token: str | None,
-        declared: UploadDeclaration,
-        chunks: AsyncIterator[bytes],
+        namespace_id: str,
+        read_declaration: Callable[[], Awaitable[tuple[UploadDeclaration, AsyncIterator[bytes]]]],
     ) -> StoredModel:
-        await self._tenancy.authorize(bearer_token, declared.namespace_id)
+        """Authorizes the caller for `namespace_id` BEFORE reading anything else of the
+        request (form fields included), then validates, reserves and streams."""
+        await self._tenancy.authorize(bearer_token, namespace_id)
+        declared, chunks = await read_declaration()
+        if declared.namespace_id != namespace_id:
+            raise InvalidArgument("namespace_id may only be set in the first message", field="namespace_id")
         metadata = validate_declaration(declared)
         started = time.monotonic()
         model_id = uuid.uuid4().hex
@@ -112,10 +118,30 @@ class UploadService:
         chunks: AsyncIterator[bytes],
         writer: ArchiveWriter,
     ) -> tuple[str, int]:
+        renewer = asyncio.create_task(self._renew_lease_until_cancelled(model_id))
+        try:
+            return await self._hash_inspect_store(metadata, chunks, writer)
+        finally:
+            renewer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await renewer
+
+    async def _renew_lease_until_cancelled(self, model_id: str) -> None:
+        """Keeps the reservation alive on a timer of its own: a part upload that takes
+        long (a slow store) must not let the janitor take the upload for a dead one."""
+        while True:
+            await asyncio.sleep(self._limits.lease_seconds / 3)
+            try:
+                await self._models.renew_lease(model_id, self._lease_end())
+            except Exception:  # the metadata store is down: retried at the next tick
+                logger.warning("could not renew the lease of upload %s", model_id, exc_info=True)
+
+    async def _hash_inspect_store(
+        self, metadata: ModelMetadata, chunks: AsyncIterator[bytes], writer: ArchiveWriter
+    ) -> tuple[str, int]:
         digest = hashlib.sha256()
         inspector = ArchiveInspector(metadata.model_format, self._limits.inspection)
         size = 0
-        next_renewal = time.monotonic() + self._limits.lease_seconds / 3
         async for chunk in chunks:
             if not chunk:
                 continue
@@ -134,9 +160,6 @@ class UploadService:
             for outcome in outcomes:
                 if isinstance(outcome, BaseException):
                     raise outcome
-            if time.monotonic() >= next_renewal:
-                await self._models.renew_lease(model_id, self._lease_end())
-                next_renewal = time.monotonic() + self._limits.lease_seconds / 3
         if size == 0:
             raise InvalidArchive("the upload holds no archive bytes", check="empty")
         await asyncio.to_thread(inspector.finish)

@@ -10,10 +10,11 @@ from typing import Any
 from server.core.models import GB, ModelFormat, ModelMetadata, ResourceRequirements
 from server.errors import InvalidArgument
 
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-_VERSION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,63}$")
-_NAMESPACE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
-_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+# Matched with fullmatch: `$` would also accept a trailing newline.
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+_VERSION = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,63}")
+_NAMESPACE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 _FREE_TEXT_MAX = 128
 
 MIN_CPUS, MAX_CPUS = 0.1, 64.0
@@ -40,7 +41,7 @@ class UploadDeclaration:
 
 
 def validate_namespace_id(namespace_id: str) -> str:
-    if not _NAMESPACE.match(namespace_id):
+    if not _NAMESPACE.fullmatch(namespace_id):
         raise InvalidArgument(
             "namespace_id must be 1-64 letters, digits, '_' or '-'", field="namespace_id"
         )
@@ -50,12 +51,12 @@ def validate_namespace_id(namespace_id: str) -> str:
 def validate_declaration(declared: UploadDeclaration) -> ModelMetadata:
     """Returns validated metadata or raises InvalidArgument naming the first bad field."""
     validate_namespace_id(declared.namespace_id)
-    if not _NAME.match(declared.name):
+    if not _NAME.fullmatch(declared.name):
         raise InvalidArgument(
             "name must be 1-128 letters, digits, '.', '_' or '-', starting with a letter or digit",
             field="name",
         )
-    if not _VERSION.match(declared.version):
+    if not _VERSION.fullmatch(declared.version):
         raise InvalidArgument(
             "version must be 1-64 letters, digits, '.', '_', '+' or '-', starting with a letter or digit",
             field="version",
@@ -73,7 +74,7 @@ def validate_declaration(declared: UploadDeclaration) -> ModelMetadata:
                 f"{field} must be printable text of at most {_FREE_TEXT_MAX} characters", field=field
             )
     expected = declared.expected_sha256.strip().lower()
-    if expected and not _SHA256.match(expected):
+    if expected and not _SHA256.fullmatch(expected):
         raise InvalidArgument("expected_sha256 must be 64 hex digits", field="expected_sha256")
     return ModelMetadata(
         namespace_id=declared.namespace_id,

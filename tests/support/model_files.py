@@ -125,6 +125,13 @@ def pack(source: Path, archive: Path, compression: str = "gz", arcname: str = "m
     return archive
 
 
+def tar_member_header(name: str, size: int) -> bytes:
+    """The 512-byte tar header of a member of `size` bytes, its data to follow."""
+    info = tarfile.TarInfo(name)
+    info.size = size
+    return info.tobuf(format=tarfile.GNU_FORMAT)
+
+
 def tar_bytes(members: dict[str, bytes], compression: str = "") -> bytes:
     """A small in-memory archive of the given files (for inspector tests)."""
     buffer = io.BytesIO()
