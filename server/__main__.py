@@ -15,7 +15,7 @@ import signal
 
 from server.app import ModelServiceApp
 from server.core.models import Tier
-from server.embedded.envoy import envoy_proxy
+from server.embedded.envoy import envoy_proxy, wait_until_routing
 from server.errors import NamespaceAlreadyExists, Unauthenticated
 from server.settings import Settings
 
@@ -71,6 +71,9 @@ async def serve(settings: Settings) -> None:
                     listen_host=settings.http_host,
                 )
             )
+            # "ready" means a request sent now is served: wait for Envoy's first health
+            # check of the service to pass.
+            await wait_until_routing(gateway)
             rest = f"{gateway.base_url}  (Envoy: REST and gRPC on one port)"
         print(
             "\nmodelservice is ready\n"

@@ -3,21 +3,19 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import aiohttp
 import pytest
 from moto.server import ThreadedMotoServer
 
 from modelservice_sdk.client import ModelServiceClient
 from server.app import ModelServiceApp
 from server.core.models import Tier
-from server.embedded.envoy import EnvoyEndpoints, envoy_proxy
+from server.embedded.envoy import EnvoyEndpoints, envoy_proxy, wait_until_routing
 from server.embedded.processes import embedded_mongodb, ray_head
 from server.settings import GIB, MIB, Settings
 
@@ -130,15 +128,3 @@ async def gateway(app: ModelServiceApp, session_dir: Path) -> AsyncIterator[Envo
         await wait_until_routing(endpoints)
         yield endpoints
 
-
-async def wait_until_routing(endpoints: EnvoyEndpoints, timeout: float = 30) -> None:
-    """Envoy routes once its first gRPC health check of the service has passed."""
-    deadline = asyncio.get_running_loop().time() + timeout
-    async with aiohttp.ClientSession() as session:
-        while True:
-            async with session.get(f"{endpoints.base_url}/v1/namespaces/probe/models/probe") as response:
-                if response.status != 503:
-                    return
-            if asyncio.get_running_loop().time() > deadline:
-                raise TimeoutError("Envoy never saw the service healthy")
-            await asyncio.sleep(0.2)

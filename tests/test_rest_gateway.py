@@ -16,7 +16,8 @@ from server.app import ModelServiceApp
 from server.core.models import Tier
 from server.embedded.envoy import EnvoyEndpoints, envoy_proxy
 from server.embedded.processes import free_port
-from tests.conftest import TEST_PART_BYTES, TEST_PARTS_IN_FLIGHT, Tenant, make_tenant, wait_until_routing
+from server.embedded.envoy import wait_until_routing
+from tests.conftest import TEST_PART_BYTES, TEST_PARTS_IN_FLIGHT, Tenant, make_tenant
 from tests.support import model_files
 from tests.support.openapi import schema_errors
 from tests.support.ray_load import hold_one_cpu
@@ -253,17 +254,54 @@ async def test_a_query_parameter_cannot_reach_another_namespaces_model(
     victim = await make_tenant(app)
     async with ModelServiceClient(app.address, victim.api_key) as victim_client:
         victim_model = await upload_model(victim_client, victim.namespace_id, tmp_path, "safetensors")
-    # The attacker's own namespace in the path, the victim's in the query (which Envoy lets win).
+    # The attacker's own namespace in the path, the victim's in the query (which the
+    # transcoder would let win): refused before it reaches the service.
     url = f"{gateway.base_url}/v1/namespaces/{tenant.namespace_id}/models/{victim_model}"
-    async with http.get(url, params={"namespace_id": victim.namespace_id}, headers=_headers(tenant)) as response:
-        body = await _json(response)
-    assert response.status == 404
-    _assert_error(body, 404, "namespace_not_found")
+    for field, value in (("namespace_id", victim.namespace_id), ("model_id", victim_model), ("namespace%5Fid", "x")):
+        async with http.get(f"{url}?{field}={value}", headers=_headers(tenant)) as response:
+            body = await _json(response)
+        assert response.status == 400, field
+        _assert_error(body, 400, "path_field_in_query")
     async with http.post(
         f"{url}/deploy", json={"namespace_id": victim.namespace_id}, headers=_headers(tenant)
     ) as response:
         assert response.status in (400, 404)
         assert (await _json(response))["success"] is False
+
+
+@pytest.mark.parametrize(
+    "path",
+    ["/v1/nope", "//v1/namespaces/a/models", "/v1/namespaces/%2E%2E/models/x/..", "/V1/namespaces/a/models/b",
+     "/modelservice.v1.ModelService/GetModel", "/"],
+)
+async def test_a_path_outside_the_api_answers_404_in_the_public_shape(
+    gateway: EnvoyEndpoints, http: aiohttp.ClientSession, tenant: Tenant, path: str
+) -> None:
+    async with http.get(gateway.base_url + path, headers=_headers(tenant)) as response:
+        body = await _json(response)
+    assert response.status == 404, body
+    _assert_error(body, 404, "route_not_found")
+
+
+async def test_a_path_that_is_not_utf8_is_a_400_in_the_public_shape_without_internals(
+    gateway: EnvoyEndpoints, http: aiohttp.ClientSession
+) -> None:
+    async with http.get(f"{gateway.base_url}/v1/namespaces/%FF%FE/models/x") as response:
+        body = await _json(response)
+    assert response.status == 400, body
+    _assert_error(body, 400, "malformed_request")
+    assert "proto" not in body["error"]["message"].lower()
+
+
+async def test_headers_too_large_answer_431_in_the_public_shape(
+    gateway: EnvoyEndpoints, http: aiohttp.ClientSession, tenant: Tenant
+) -> None:
+    url = f"{gateway.base_url}/v1/namespaces/{tenant.namespace_id}/models/{'x' * 65536}"
+    async with http.get(url, headers=_headers(tenant)) as response:
+        body = await _json(response)
+    assert response.status == 431
+    assert body["success"] is False and body["status"] == 431
+    assert body["error"]["code"] == "request_headers_too_large"
 
 
 async def test_native_grpc_works_through_the_same_envoy_port(

@@ -6,8 +6,11 @@ Envoys can run on one machine (tests, a developer's service next to CI).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import string
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,3 +80,32 @@ def envoy_proxy(
     ]
     with running_process(command, port=endpoints.listen_port, log_path=work_dir / "envoy.log"):
         yield endpoints
+
+
+ROUTING_PROBE_PATH = "/v1/namespaces/probe/models/probe"
+
+
+def _reaches_service(base_url: str) -> bool:
+    """Whether a REST request through Envoy gets an answer from the service itself.
+
+    Unauthenticated on purpose: the service answers 401; Envoy alone answers 503 (no
+    healthy upstream yet) or fails to connect.
+    """
+    try:
+        with urllib.request.urlopen(base_url + ROUTING_PROBE_PATH, timeout=2) as response:
+            status: int = response.status
+            return status != 503
+    except urllib.error.HTTPError as error:
+        return error.code != 503
+    except OSError:
+        return False
+
+
+async def wait_until_routing(endpoints: EnvoyEndpoints, timeout: float = 30) -> None:
+    """Returns once Envoy routes REST requests to the service (its first gRPC health
+    check of the service has passed); TimeoutError otherwise."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not await asyncio.to_thread(_reaches_service, endpoints.base_url):
+        if asyncio.get_running_loop().time() > deadline:
+            raise TimeoutError(f"Envoy at {endpoints.base_url} did not route to the service within {timeout}s")
+        await asyncio.sleep(0.1)
