@@ -25,7 +25,7 @@ from pymongo import AsyncMongoClient
 from server.core.models import Tier, utc_now
 from server.core.tenancy import TenancyService
 from server.errors import ModelServiceError
-from server.persistence.mongo import TenancyRepository, database
+from server.persistence.mongo import TenancyRepository, connect, database
 from server.settings import Settings
 
 URI_FILE = Path("mongodb") / "uri"
@@ -63,7 +63,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 async def run(arguments: argparse.Namespace, settings: Settings) -> dict[str, Any]:
-    client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(mongodb_uri(settings), tz_aware=True)
+    client: AsyncMongoClient[dict[str, Any]] = connect(mongodb_uri(settings), settings.mongodb_timeout_seconds)
     try:
         repository = TenancyRepository(database(client, settings.mongodb_database))
         await repository.ensure_indexes()

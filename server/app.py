@@ -15,6 +15,7 @@ from typing import Any
 
 import aioboto3
 import grpc
+from botocore.config import Config as BotocoreConfig
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from modelservice.v1 import model_service_pb2, model_service_pb2_grpc
@@ -30,11 +31,12 @@ from server.core.deployments import DeploymentService, WatchTiming
 from server.core.tenancy import TenancyService
 from server.core.janitor import Janitor
 from server.core.uploads import UploadLimits, UploadService
+from server.dependencies import ARCHIVE_STORE, METADATA_STORE, RAY, DependencyMonitor
 from server.deploy.cluster import RayModelCluster
 from server.deploy.specs import CacheConfig, StoreConfig
 from server.embedded.processes import embedded_mongodb, ensure_ray_head
 from server.persistence.deployments import DeploymentRepository
-from server.persistence.mongo import ModelRepository, TenancyRepository, database
+from server.persistence.mongo import ModelRepository, TenancyRepository, connect, database
 from server.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -50,6 +52,7 @@ class ModelServiceApp:
         self._stack = contextlib.AsyncExitStack()
         self._server: grpc.aio.Server | None = None
         self._health: health.aio.HealthServicer | None = None
+        self._draining = False
         self.port = 0
         self.mongodb_uri = ""
         # Built in start(); public so tools (admin, tests) reuse the same services.
@@ -61,6 +64,7 @@ class ModelServiceApp:
         self.cluster: RayModelCluster
         self.janitor: Janitor
         self.store: ArchiveStore
+        self.dependencies: DependencyMonitor
 
     async def __aenter__(self) -> ModelServiceApp:
         try:
@@ -80,12 +84,12 @@ class ModelServiceApp:
         self.mongodb_uri = settings.mongodb_uri or await self._stack.enter_async_context(
             embedded_mongodb(settings.data_dir / "mongodb")
         )
-        mongo: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(self.mongodb_uri, tz_aware=True)
+        mongo: AsyncMongoClient[dict[str, Any]] = connect(self.mongodb_uri, settings.mongodb_timeout_seconds)
         self._stack.push_async_callback(mongo.close)
         db = database(mongo, settings.mongodb_database)
         models = ModelRepository(db)
         tenancy_repository = TenancyRepository(db)
-        deployment_repository = DeploymentRepository(db)
+        deployment_repository = DeploymentRepository(db, settings.deploy_task_retention_seconds)
         await models.ensure_indexes()
         await tenancy_repository.ensure_indexes()
         await deployment_repository.ensure_indexes()
@@ -121,6 +125,28 @@ class ModelServiceApp:
         )
 
         await self._start_grpc(ModelServiceServicer(self.uploads, self.catalog, self.deployments, self.deletions))
+        self.dependencies = DependencyMonitor(
+            {
+                METADATA_STORE: lambda: db.command("ping"),
+                ARCHIVE_STORE: self.store.probe,
+                RAY: self.cluster.ping,
+            },
+            self._on_dependencies_changed,
+            interval_seconds=settings.dependency_check_interval_seconds,
+            timeout_seconds=max(settings.mongodb_timeout_seconds, settings.s3_timeout_seconds, settings.ray_timeout_seconds),
+        )
+        monitor_task = asyncio.create_task(self.dependencies.run_forever())
+        self._stack.push_async_callback(_cancel, monitor_task)
+
+    async def _on_dependencies_changed(self, all_up: bool, down: list[str]) -> None:
+        """Health follows the dependencies, except while draining (then it stays NOT_SERVING)."""
+        if self._health is None or self._draining:
+            return
+        status = health_pb2.HealthCheckResponse.SERVING if all_up else health_pb2.HealthCheckResponse.NOT_SERVING
+        if not all_up:
+            logger.warning("health NOT_SERVING: unreachable: %s", ", ".join(down))
+        for name in ("", SERVICE_NAME):
+            await self._health.set(name, status)
 
     async def _start_cluster(self) -> RayModelCluster:
         settings = self.settings
@@ -137,12 +163,15 @@ class ModelServiceApp:
             CacheConfig(
                 mongodb_uri=self.mongodb_uri,
                 database=settings.mongodb_database,
+                mongodb_timeout_seconds=settings.mongodb_timeout_seconds,
                 store=StoreConfig.from_settings(settings),
                 ray_cluster_url=settings.ray_cluster_url or f"ray://{address}",
                 max_unpacked_bytes=settings.max_unpacked_bytes,
                 max_members=settings.max_archive_members,
                 scratch_dir=str(scratch),
+                deploy_task_retention_seconds=settings.deploy_task_retention_seconds,
             ),
+            call_timeout_seconds=settings.ray_timeout_seconds,
         )
         await cluster.start()
         self._stack.push_async_callback(cluster.close)
@@ -158,6 +187,11 @@ class ModelServiceApp:
                 "s3",
                 endpoint_url=settings.s3_endpoint_url or None,
                 region_name=settings.s3_region,
+                config=BotocoreConfig(
+                    connect_timeout=min(5.0, settings.s3_timeout_seconds),
+                    read_timeout=settings.s3_timeout_seconds,
+                    retries={"max_attempts": 2, "mode": "standard"},
+                ),
             )
         )
         store = S3ArchiveStore(
@@ -166,6 +200,7 @@ class ModelServiceApp:
             prefix=settings.s3_prefix,
             part_bytes=settings.multipart_part_bytes,
             parts_in_flight=settings.multipart_parts_in_flight,
+            request_timeout_seconds=settings.s3_timeout_seconds,
         )
         await store.ensure_bucket(settings.s3_region)
         return store
@@ -201,6 +236,7 @@ class ModelServiceApp:
 
     async def begin_draining(self) -> None:
         """Health turns NOT_SERVING: Envoy (and any load balancer) stops sending new calls."""
+        self._draining = True
         if self._health is not None:
             await self._health.enter_graceful_shutdown()
 

@@ -36,6 +36,9 @@ class Settings:
     """MongoDB connection string. Empty: start an embedded nx-27017 server in `data_dir`."""
     mongodb_database: str = "modelservice"
     """Database holding namespaces, api_keys, models and deployments."""
+    mongodb_timeout_seconds: float = 5.0
+    """Longest any MongoDB operation may take (server selection included) before it fails
+    with METADATA_STORE_UNAVAILABLE."""
 
     s3_bucket: str = ""
     """Bucket for archives. Empty: store archives in `data_dir/archives` instead."""
@@ -45,6 +48,9 @@ class Settings:
     """S3 region."""
     s3_prefix: str = "archives/"
     """Key prefix of archives in the bucket."""
+    s3_timeout_seconds: float = 30.0
+    """Longest any single S3 request (a part upload included) may take before it fails with
+    ARCHIVE_STORE_UNAVAILABLE; also the connect and read timeout of load tasks' reads."""
 
     ray_address: str = ""
     """Ray cluster (`host:port` of the head, or `auto`). Empty: start a local head in `data_dir`."""
@@ -54,11 +60,20 @@ class Settings:
     """Logical CPUs of the embedded local Ray head (0: the machine's count)."""
     ray_cluster_url: str = ""
     """Cluster address shown in deployment_info; default: `ray://<ray_address>`."""
+    ray_timeout_seconds: float = 15.0
+    """Longest a call to the model cache actor may take before it fails with RAY_UNAVAILABLE
+    (waiting for a deployment to finish is not such a call)."""
+
+    dependency_check_interval_seconds: float = 2.0
+    """How often MongoDB, the archive store and Ray are probed; while one does not answer,
+    gRPC health is NOT_SERVING (Envoy routes around the replica)."""
 
     watch_poll_seconds: float = 0.2
     """How often watchers and waiters look for new deployment events in MongoDB."""
     watch_heartbeat_seconds: float = 15.0
     """An idle watch stream gets a heartbeat event this often."""
+    deploy_task_retention_seconds: float = 7 * 24 * 3600.0
+    """Finished deploy tasks, and deployment events, are removed this long after (TTL index)."""
 
     data_dir: Path = Path(".modelservice")
     """Where embedded servers and the local archive store keep their files."""

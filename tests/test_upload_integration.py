@@ -175,6 +175,8 @@ async def test_cancel_mid_stream_leaves_no_document_and_no_multipart_upload(
 
     async def messages() -> AsyncIterator[pb.UploadModelRequest]:
         yield upload_header(_fields(tenant, "safetensors", name="cancelled"))
+        # One member of 10 GiB: a well-formed archive for as long as the stream lasts.
+        yield pb.UploadModelRequest(chunk=model_files.tar_member_header("m/big.bin", 10 << 30))
         for index in range(10_000):
             yield pb.UploadModelRequest(chunk=bytes(1024 * 1024))
             if index == 12:  # more than two 5 MiB parts: a multipart upload is under way
@@ -336,6 +338,104 @@ async def test_the_janitor_clears_what_a_replica_that_died_mid_upload_left(
             yield pb.UploadModelRequest(chunk=again)
 
         assert (await owner.upload_stream(retry())).success  # the name is free again
+
+
+async def test_the_janitor_decides_from_our_records_not_from_the_stores_clock(
+    app: ModelServiceApp, tenant: Tenant
+) -> None:
+    # moto reports every multipart upload as initiated in 2010: a clock-based janitor
+    # would abort the live one. Ours keeps the upload a live reservation claims, and
+    # aborts the one no record claims (a replica killed between opening and recording it).
+    from server.core.models import utc_now
+    from server.core.validation import UploadDeclaration, validate_declaration
+    from server.persistence.mongo import ModelRepository, database
+
+    mongo = _mongo_client(app)
+    models = ModelRepository(database(mongo, app.settings.mongodb_database))
+    metadata = validate_declaration(
+        UploadDeclaration(namespace_id=tenant.namespace_id, name="live", version="1", model_format="onnx")
+    )
+    live_key, orphan_key = f"{tenant.namespace_id}/live-model/archive", f"{tenant.namespace_id}/unrecorded/archive"
+    await models.reserve("live-model", metadata, live_key, utc_now() + datetime.timedelta(minutes=5), utc_now())
+    await models.record_upload_id("live-model", await _orphan_multipart_upload(app, live_key))
+    await _orphan_multipart_upload(app, orphan_key)
+    try:
+        await app.janitor.sweep()
+        assert (await _s3_objects_and_uploads(app, tenant.namespace_id))[1] == [app.settings.s3_prefix + live_key]
+    finally:
+        await models.release("live-model")
+        await app.janitor.sweep()
+        await mongo.close()
+    assert await _s3_objects_and_uploads(app, tenant.namespace_id) == ([], [])
+
+
+async def test_a_live_upload_keeps_its_reservation_while_a_part_stalls(app: ModelServiceApp, tenant: Tenant) -> None:
+    from server.archives.inspector import InspectionLimits
+    from server.archives.stores import ArchiveStore, ArchiveWriter, PendingUpload
+    from server.core.janitor import Janitor
+    from server.core.uploads import UploadLimits, UploadService
+    from server.core.validation import UploadDeclaration
+    from server.persistence.mongo import ModelRepository, database
+
+    part_stalled = asyncio.Event()
+
+    class StallingWriter:
+        upload_id = "stalling"
+        peak_buffered_bytes = 0
+
+        async def write(self, data: bytes) -> None:
+            part_stalled.set()
+            await asyncio.sleep(2.0)  # a part PUT that takes many lease periods
+
+        async def complete(self) -> None:
+            return
+
+        async def abort(self) -> None:
+            return
+
+    class StallingStore:
+        def url_for(self, key: str) -> str:
+            return f"stall://{key}"
+
+        async def open_writer(self, key: str) -> ArchiveWriter:
+            return StallingWriter()
+
+        async def delete(self, key: str) -> None:
+            return
+
+        async def abort_pending(self, key: str, upload_id: str) -> None:
+            return
+
+        async def list_pending(self) -> list[PendingUpload]:
+            return []
+
+        async def probe(self) -> None:
+            return
+
+    mongo = _mongo_client(app)
+    models = ModelRepository(database(mongo, app.settings.mongodb_database))
+    store: ArchiveStore = StallingStore()
+    lease = 0.3
+    uploads = UploadService(
+        app.tenancy, models, store,
+        UploadLimits(max_archive_bytes=1 << 30, inspection=InspectionLimits(1 << 30, 200.0, 100), lease_seconds=lease),
+    )
+    janitor = Janitor(models, store, app.deletions, lease_seconds=lease)
+    archive = model_files.tar_bytes({"m/model.safetensors": model_files.safetensors_bytes()}, "gz")
+
+    async def declaration() -> tuple[UploadDeclaration, AsyncIterator[bytes]]:
+        async def chunks() -> AsyncIterator[bytes]:
+            yield archive
+
+        return UploadDeclaration(tenant.namespace_id, "stalled", "1", "safetensors"), chunks()
+
+    upload = asyncio.create_task(uploads.upload(tenant.api_key, tenant.namespace_id, declaration))
+    await part_stalled.wait()
+    await asyncio.sleep(3 * lease)  # the lease has been renewed several times by now
+    assert await janitor.sweep() == 0
+    uploaded = await upload
+    await mongo.close()
+    assert uploaded.metadata.name == "stalled"
 
 
 async def _orphan_multipart_upload(app: ModelServiceApp, key: str) -> str:

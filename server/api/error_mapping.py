@@ -22,6 +22,7 @@ from google.protobuf import any_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
+from server import dependencies
 from server.errors import ErrorKind, ModelServiceError
 
 logger = logging.getLogger(__name__)
@@ -108,6 +109,9 @@ class _Status(grpc.Status):
 async def _abort(context: grpc.aio.ServicerContext[Any, Any], error: BaseException) -> None:
     if isinstance(error, ModelServiceError):
         status = status_for(error)
+    elif (unavailable := dependencies.translate(error)) is not None:
+        logger.warning("%s: %r", unavailable.reason, error)
+        status = status_for(unavailable)
     else:
         logger.error("unhandled error in RPC", exc_info=error)
         status = internal_status()

@@ -29,7 +29,14 @@ class Janitor:
         self._lease = datetime.timedelta(seconds=lease_seconds)
 
     async def sweep(self) -> int:
-        """Returns how many stale reservations and orphan uploads were cleared."""
+        """Returns how many stale reservations and orphan uploads were cleared.
+
+        Decided from our own records only, never from the store's clock (S3-compatible
+        stores disagree on "Initiated"): a reservation whose lease ran out is released, and
+        an incomplete upload that no model document claims is aborted. That is safe for
+        live uploads because the reservation is written before the upload is opened, and
+        live uploads renew their lease on a timer of their own.
+        """
         now = utc_now()
         cleared = 0
         for reservation in await self._models.expired_reservations(now):
@@ -37,9 +44,8 @@ class Janitor:
                 await self._store.abort_pending(reservation["archive_key"], reservation["upload_id"])
             await self._models.release(reservation["_id"])
             cleared += 1
-        live = await self._models.reservation_upload_ids()
         for pending in await self._store.list_pending():
-            if pending.upload_id not in live and pending.started_at < now - self._lease:
+            if not await self._models.claims_archive(pending.key):
                 await self._store.abort_pending(pending.key, pending.upload_id)
                 cleared += 1
         cleared += await self._deletions.finish_stale(self._lease)

@@ -24,8 +24,8 @@ from modelservice_sdk.model import ModelNotAvailable
 from server.core.models import BASE_IMAGES, DeploymentInfo, DeploymentStatus, StoredModel, utc_now
 from server.deploy.load_task import remote_load
 from server.deploy.specs import LOADING, NOT_CACHED, UNDEPLOYED, CacheConfig, DeployTicket, LoadSpec, LoadSummary
-from server.persistence.deployments import DeploymentEvent, DeploymentRepository
-from server.persistence.mongo import ModelRepository, database
+from server.persistence.deployments import DeploymentEvent, DeploymentRepository, DeployTask
+from server.persistence.mongo import ModelRepository, connect, database
 
 logger = logging.getLogger(__name__)
 
@@ -76,6 +76,24 @@ class ModelCache:
         self._deployments: DeploymentRepository | None = None
 
     # ----- called by the service and by plugins -------------------------------------
+
+    async def configure(self, config: CacheConfig) -> bool:
+        """Adopts the settings of the replica that starts now; True if they changed.
+
+        The actor is detached and outlives the service: when the service comes back with
+        other settings (the embedded MongoDB on a new port, another scratch directory), the
+        cached weights stay and the actor follows the new settings. Loads under way finish
+        with the repositories they started with.
+        """
+        if config == self._config:
+            return False
+        logger.info("model cache settings changed; reconnecting to MongoDB")
+        self._config = config
+        old_client, self._mongo = self._mongo, None
+        self._models = self._deployments = None
+        if old_client is not None:
+            await old_client.close()
+        return True
 
     async def deploy(self, model_id: str, is_async: bool) -> DeployTicket:
         """Starts the model's load, joins the one under way, or says it is cached."""
@@ -160,20 +178,10 @@ class ModelCache:
         for task in await deployments.unfinished():
             if task.task_id in running:
                 continue
-            await deployments.append(
-                DeploymentEvent(
-                    task_id=task.task_id, model_id=task.model_id, namespace_id=task.namespace_id,
-                    sequence=task.last_sequence + 1, state="failed", time=utc_now(),
-                    failed_stage=task.stage, error_reason="INTERRUPTED",
-                    message="the load was interrupted (the Ray cluster or its model cache restarted); deploy again",
-                )
-            )
-            if task.model_id not in self._entries:
-                await models.set_deployment(
-                    task.model_id, status=DeploymentStatus.FAILED, info=None, now=utc_now(),
-                    error=f"{_stage_name(task.stage)}: INTERRUPTED: the load was interrupted; deploy again",
-                )
-            interrupted += 1
+            try:
+                interrupted += await self._close_interrupted(models, deployments, task)
+            except Exception:  # one bad record must not stop the others, nor start-up
+                logger.exception("could not close interrupted deploy task %s; retried at the next start", task.task_id)
         for model_id in await models.deployed_model_ids():
             if model_id not in self._entries:
                 await models.set_deployment(
@@ -184,6 +192,38 @@ class ModelCache:
         if interrupted or lost:
             logger.warning("reconciled: %d interrupted deployments, %d lost models", interrupted, lost)
         return {"interrupted": interrupted, "lost": lost}
+
+    async def _close_interrupted(
+        self, models: ModelRepository, deployments: DeploymentRepository, task: DeployTask
+    ) -> int:
+        """Ends a deploy task whose load no longer runs; 1 if it was still open.
+
+        Replays are harmless: the task's mirror is first repaired from its last stored
+        event (a crash may have come between the two writes of an event), and a task whose
+        last event is terminal only needed that repair.
+        """
+        task, last = await deployments.repair_task(task)
+        if last is not None and last.terminal:
+            return 0
+        sequence = max(task.last_sequence, last.sequence if last is not None else 0) + 1
+        await deployments.append(
+            DeploymentEvent(
+                task_id=task.task_id, model_id=task.model_id, namespace_id=task.namespace_id,
+                sequence=sequence, state="failed", time=utc_now(),
+                failed_stage=_stage_name(task.stage), error_reason="INTERRUPTED",
+                message="the load was interrupted (the Ray cluster or its model cache restarted); deploy again",
+            )
+        )
+        if task.model_id not in self._entries:
+            await models.set_deployment(
+                task.model_id, status=DeploymentStatus.FAILED, info=None, now=utc_now(),
+                error=f"{_stage_name(task.stage)}: INTERRUPTED: the load was interrupted; deploy again",
+            )
+        return 1
+
+    async def ping(self) -> bool:
+        """Liveness, for the service's dependency monitor."""
+        return True
 
     async def stats(self) -> dict[str, int]:
         return {
@@ -196,10 +236,10 @@ class ModelCache:
 
     async def _repositories(self) -> tuple[ModelRepository, DeploymentRepository]:
         if self._models is None or self._deployments is None:
-            self._mongo = AsyncMongoClient(self._config.mongodb_uri, tz_aware=True)
+            self._mongo = connect(self._config.mongodb_uri, self._config.mongodb_timeout_seconds)
             db = database(self._mongo, self._config.database)
             self._models = ModelRepository(db)
-            self._deployments = DeploymentRepository(db)
+            self._deployments = DeploymentRepository(db, self._config.deploy_task_retention_seconds)
             await self._deployments.ensure_indexes()
         return self._models, self._deployments
 
@@ -231,7 +271,7 @@ class ModelCache:
                 await self._fail(load, summary.failed_stage, summary.reason, summary.message)
         except Exception as error:  # Ray errors (worker crash, OOM kill) and anything else
             logger.exception("load %s of model %s failed", load.task_id, load.model_id)
-            await self._fail(load, _stage_name(load.stage), "LOAD_CRASHED", f"{type(error).__name__}: {error}"[:2000])
+            await self._fail(load, _stage_name(load.stage), "LOAD_CRASHED", _crash_message(error))
         finally:
             self._progress.pop(load.task_id, None)
             self._loading.pop(load.model_id, None)
@@ -307,6 +347,17 @@ _STAGE_OF_STATE = {"queued": "schedule", "downloading": "download", "verifying":
 
 def _stage_name(state: str) -> str:
     return _STAGE_OF_STATE.get(state, state)
+
+
+def _crash_message(error: Exception) -> str:
+    """What a tenant may know of a crashed load: the kind of failure, no host or path."""
+    import ray
+
+    if isinstance(error, ray.exceptions.OutOfMemoryError):
+        return "the load task was stopped for using more memory than its node had; ask for more memory_gb"
+    if isinstance(error, (ray.exceptions.WorkerCrashedError, ray.exceptions.NodeDiedError)):
+        return "the load task's worker or node died; deploy again"
+    return "the load task failed unexpectedly; the operator's logs hold the details; deploy again"
 
 
 def _resource_shortfall(model: StoredModel) -> str:

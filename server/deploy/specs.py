@@ -20,6 +20,8 @@ class StoreConfig:
     endpoint_url: str = ""
     region: str = ""
     local_root: str = ""
+    timeout_seconds: float = 30.0
+    """Connect and read timeout of each request to the store."""
 
     @classmethod
     def from_settings(cls, settings: Settings) -> StoreConfig:
@@ -30,6 +32,7 @@ class StoreConfig:
                 prefix=settings.s3_prefix,
                 endpoint_url=settings.s3_endpoint_url,
                 region=settings.s3_region,
+                timeout_seconds=settings.s3_timeout_seconds,
             )
         return cls(kind=LOCAL_STORE, local_root=str((settings.data_dir / "archives").resolve()))
 
@@ -40,12 +43,15 @@ class CacheConfig:
 
     mongodb_uri: str
     database: str
+    mongodb_timeout_seconds: float
     store: StoreConfig
     ray_cluster_url: str
     max_unpacked_bytes: int
     max_members: int
     scratch_dir: str
     """Where load tasks extract archives (removed after each load)."""
+    deploy_task_retention_seconds: float
+    """How long finished deploy tasks and their events are kept."""
 
 
 @dataclass(frozen=True)

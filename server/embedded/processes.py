@@ -32,6 +32,30 @@ def free_port(host: str = LOOPBACK) -> int:
         return port
 
 
+def port_if_free(port: int, host: str = LOOPBACK) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind((host, port))
+        except OSError:
+            return False
+        return True
+
+
+def sticky_port(port_file: Path, host: str = LOOPBACK) -> int:
+    """The port recorded in `port_file` if it is free again, else a new free one (recorded).
+
+    Embedded servers come back on the same port across restarts, so their addresses stay
+    valid for everything that outlives the service (the Ray model cache, admin tools).
+    """
+    with contextlib.suppress(OSError, ValueError):
+        previous = int(port_file.read_text().strip())
+        if 0 < previous < 65536 and port_if_free(previous, host):
+            return previous
+    port = free_port(host)
+    port_file.write_text(f"{port}\n")
+    return port
+
+
 def executable(name: str) -> str:
     """A console script of this environment (beside the interpreter), else from PATH."""
     beside = Path(sys.executable).parent / name
@@ -122,7 +146,7 @@ async def embedded_mongodb(data_dir: Path) -> AsyncIterator[str]:
     Its data stays in `data_dir`, so models and keys survive a restart of the service.
     """
     data_dir.mkdir(parents=True, exist_ok=True)
-    port = free_port()
+    port = sticky_port(data_dir / "port")
     command = [
         executable("nx-27017"),
         "--host", LOOPBACK,

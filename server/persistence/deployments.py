@@ -3,6 +3,14 @@
 Every state change of a deployment is an event document with a per-task sequence number
 (unique index), so any replica can replay a deployment to a watcher from any point. The
 task document mirrors the latest event (OpenSearch's task shape).
+
+Recording an event takes two writes (the event, then the task's mirror). Both are
+idempotent, so a crash between them is repaired by replaying: an event already stored at
+its sequence is not an error, and the mirror only ever moves forward (`last_sequence` is
+conditioned on being lower). The events are the truth; `repair_task` rebuilds a task's
+mirror from its last event.
+
+Retention: finished tasks and every event carry `expire_at`, and TTL indexes remove them.
 """
 
 from __future__ import annotations
@@ -13,6 +21,7 @@ from typing import Any
 
 from pymongo import ASCENDING, DESCENDING
 from pymongo.asynchronous.database import AsyncDatabase
+from pymongo.errors import DuplicateKeyError
 
 from server.persistence.mongo import Document, as_utc_datetime
 
@@ -71,10 +80,14 @@ class DeployTask:
         return self.state not in UNFINISHED
 
 
+DEFAULT_RETENTION_SECONDS = 7 * 24 * 3600.0
+
+
 class DeploymentRepository:
-    def __init__(self, db: AsyncDatabase[Document]) -> None:
+    def __init__(self, db: AsyncDatabase[Document], retention_seconds: float = DEFAULT_RETENTION_SECONDS) -> None:
         self._tasks = db["deploy_tasks"]
         self._events = db["deployment_events"]
+        self._retention = datetime.timedelta(seconds=retention_seconds)
 
     async def ensure_indexes(self) -> None:
         await self._events.create_index(
@@ -82,6 +95,9 @@ class DeploymentRepository:
         )
         await self._tasks.create_index([("model_id", ASCENDING), ("create_time", DESCENDING)])
         await self._tasks.create_index([("state", ASCENDING)])
+        # Documents without expire_at (unfinished tasks) never expire.
+        await self._tasks.create_index("expire_at", expireAfterSeconds=0, name="retention")
+        await self._events.create_index("expire_at", expireAfterSeconds=0, name="retention")
 
     async def create(self, task_id: str, model_id: str, namespace_id: str, is_async: bool, now: datetime.datetime) -> None:
         await self._tasks.insert_one(
@@ -104,22 +120,29 @@ class DeploymentRepository:
         )
 
     async def append(self, event: DeploymentEvent, worker_node: str = "") -> None:
-        """Records an event and mirrors it on the task document."""
-        await self._events.insert_one(
-            {
-                "task_id": event.task_id,
-                "model_id": event.model_id,
-                "namespace_id": event.namespace_id,
-                "sequence": event.sequence,
-                "state": event.state,
-                "time": event.time,
-                "bytes_done": event.bytes_done,
-                "bytes_total": event.bytes_total,
-                "failed_stage": event.failed_stage,
-                "error_reason": event.error_reason,
-                "message": event.message,
-            }
-        )
+        """Records an event and mirrors it on the task document; safe to replay."""
+        try:
+            await self._events.insert_one(
+                {
+                    "task_id": event.task_id,
+                    "model_id": event.model_id,
+                    "namespace_id": event.namespace_id,
+                    "sequence": event.sequence,
+                    "state": event.state,
+                    "time": event.time,
+                    "bytes_done": event.bytes_done,
+                    "bytes_total": event.bytes_total,
+                    "failed_stage": event.failed_stage,
+                    "error_reason": event.error_reason,
+                    "message": event.message,
+                    "expire_at": event.time + self._retention,
+                }
+            )
+        except DuplicateKeyError:
+            pass  # recorded by an earlier attempt that died before mirroring it
+        await self._mirror(event, worker_node)
+
+    async def _mirror(self, event: DeploymentEvent, worker_node: str = "") -> None:
         update: dict[str, Any] = {
             "state": TASK_STATE_OF_EVENT.get(event.state, RUNNING),
             "stage": event.state,
@@ -128,9 +151,23 @@ class DeploymentRepository:
         }
         if event.state == "failed":
             update["error"] = f"{event.failed_stage}: {event.error_reason}: {event.message}"
+        if event.terminal:
+            update["expire_at"] = event.time + self._retention
         if worker_node:
             update["worker_node"] = [worker_node]
-        await self._tasks.update_one({"_id": event.task_id}, {"$set": update})
+        await self._tasks.update_one(
+            {"_id": event.task_id, "last_sequence": {"$lt": event.sequence}}, {"$set": update}
+        )
+
+    async def repair_task(self, task: DeployTask) -> tuple[DeployTask, DeploymentEvent | None]:
+        """Brings a task's mirror up to its last stored event (after a crash between the
+        two writes of `append`); returns the task as repaired and its last event."""
+        last = await self.last_event(task.task_id)
+        if last is None or last.sequence <= task.last_sequence:
+            return task, last
+        await self._mirror(last)
+        repaired = await self.get(task.task_id)
+        return (repaired or task), last
 
     async def get(self, task_id: str) -> DeployTask | None:
         document = await self._tasks.find_one({"_id": task_id})

@@ -51,6 +51,16 @@ def epoch_seconds(moment: datetime.datetime) -> float:
     return moment.timestamp()
 
 
+def connect(uri: str, timeout_seconds: float) -> AsyncMongoClient[Document]:
+    """A client whose every operation is bounded: server selection, connection and each
+    operation give up after `timeout_seconds` (an outage becomes an error, not a hang)."""
+    milliseconds = max(1, int(timeout_seconds * 1000))
+    return AsyncMongoClient(
+        uri, tz_aware=True, timeoutMS=milliseconds, serverSelectionTimeoutMS=milliseconds,
+        connectTimeoutMS=milliseconds,
+    )
+
+
 def database(client: AsyncMongoClient[Document], name: str) -> AsyncDatabase[Document]:
     return client.get_database(name)
 
@@ -68,6 +78,7 @@ class ModelRepository:
             name="unique_namespace_name_version",
         )
         await self._models.create_index([("state", ASCENDING), ("lease_expires_at", ASCENDING)])
+        await self._models.create_index([("archive_key", ASCENDING)])
 
     async def reserve(
         self,
@@ -200,9 +211,9 @@ class ModelRepository:
         cursor = self._models.find({"state": UPLOADING, "lease_expires_at": {"$lt": epoch_seconds(now)}})
         return [document async for document in cursor]
 
-    async def reservation_upload_ids(self) -> set[str]:
-        cursor = self._models.find({"state": UPLOADING}, {"upload_id": 1})
-        return {doc["upload_id"] async for doc in cursor if doc.get("upload_id")}
+    async def claims_archive(self, archive_key: str) -> bool:
+        """Whether any model document (a reservation, a model, a deletion) owns the key."""
+        return await self._models.find_one({"archive_key": archive_key}, {"_id": 1}) is not None
 
     async def set_deployment(
         self,
