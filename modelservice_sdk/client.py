@@ -2,20 +2,24 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
-from collections.abc import AsyncIterator, Callable
+import queue
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import grpc
 from google.protobuf import json_format
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
+from google.rpc import error_details_pb2, status_pb2
 from modelservice.v1 import model_service_pb2 as pb
 from modelservice.v1 import model_service_pb2_grpc as pb_grpc
 
 DEFAULT_CHUNK_BYTES = 1024 * 1024
+UPLOAD_QUEUE_DEPTH = 4
+"""Messages waiting for the upload's sending thread (memory: this many chunks)."""
 MAX_MESSAGE_BYTES = 8 * 1024 * 1024
 
 ProgressCallback = Callable[[int, int], None]
@@ -36,16 +40,44 @@ class ServiceError(Exception):
         return f"{self.code.name} {self.reason}: {self.message}"
 
     @classmethod
-    def from_rpc_error(cls, error: grpc.aio.AioRpcError) -> ServiceError:
+    def from_rpc_error(cls, error: Any) -> ServiceError:
+        """From a failed call of either grpcio API (both offer the status accessors)."""
+        status = _status_details(error.trailing_metadata())
+        if status is None:
+            return cls(error.code(), error.details() or "", "", {})
         reason, metadata = "", {}
-        # AioRpcError offers the same code()/trailing_metadata() that from_call reads.
-        status = rpc_status.from_call(error)  # type: ignore[arg-type]
-        if status is not None:
-            for detail in status.details:
-                info = error_details_pb2.ErrorInfo()
-                if detail.Unpack(info):
-                    reason, metadata = info.reason, dict(info.metadata)
-        return cls(error.code(), error.details() or "", reason, metadata)
+        for detail in status.details:
+            info = error_details_pb2.ErrorInfo()
+            if detail.Unpack(info):
+                reason, metadata = info.reason, dict(info.metadata)
+        code = _CODES.get(status.code, error.code())
+        return cls(code, status.message, reason, metadata)
+
+
+async def _hand_over(handoff: queue.Queue[pb.UploadModelRequest | None], item: pb.UploadModelRequest | None, call: Any) -> bool:
+    """Queues `item` for the sending thread; False once the call has ended (nobody reads)."""
+    while not call.done():
+        try:
+            handoff.put_nowait(item)
+            return True
+        except queue.Full:
+            with contextlib.suppress(queue.Full):
+                await asyncio.to_thread(handoff.put, item, True, 0.05)
+                return True
+    return False
+
+
+_CODES = {code.value[0]: code for code in grpc.StatusCode}
+_STATUS_DETAILS_KEY = "grpc-status-details-bin"
+
+
+def _status_details(trailing_metadata: Any) -> status_pb2.Status | None:
+    for key, value in trailing_metadata or ():
+        if key == _STATUS_DETAILS_KEY and isinstance(value, bytes):
+            status = status_pb2.Status()
+            status.ParseFromString(value)
+            return status
+    return None
 
 
 @dataclass(frozen=True)
@@ -76,14 +108,18 @@ class ModelServiceClient:
     """`async with ModelServiceClient("127.0.0.1:50051", api_key) as client: ...`"""
 
     def __init__(self, address: str, api_key: str | None) -> None:
-        self._channel = grpc.aio.insecure_channel(
-            address,
-            options=[
-                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-            ],
-        )
+        options = [
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+        ]
+        self._channel = grpc.aio.insecure_channel(address, options=options)
         self.stub = pb_grpc.ModelServiceStub(self._channel)
+        # Uploads go through grpcio's synchronous API, in a thread: its asyncio client can
+        # replace the status of a call the service answered before the upload was fully
+        # sent (a duplicate, a bad archive) with INTERNAL "Internal error from Core"
+        # (grpc/grpc#36066); the synchronous client reports the service's own status.
+        self._upload_channel = grpc.insecure_channel(address, options=options)
+        self._upload_stub = pb_grpc.ModelServiceStub(self._upload_channel)
         self._metadata = (("authorization", f"Bearer {api_key}"),) if api_key else ()
 
     async def __aenter__(self) -> ModelServiceClient:
@@ -94,6 +130,7 @@ class ModelServiceClient:
 
     async def close(self) -> None:
         await self._channel.close()
+        self._upload_channel.close()
 
     @property
     def metadata(self) -> tuple[tuple[str, str], ...]:
@@ -123,10 +160,32 @@ class ModelServiceClient:
         return await self.upload_stream(messages())
 
     async def upload_stream(self, messages: AsyncIterator[pb.UploadModelRequest]) -> pb.UploadModelResponse:
+        """Sends the messages, and returns (or raises) what the service answered.
+
+        The service may answer before the upload is fully sent (a duplicate name, a bad
+        archive): sending stops, and the caller gets the service's status. The messages
+        pass to the sending thread through a small queue, so memory stays bounded.
+        """
+        handoff: queue.Queue[pb.UploadModelRequest | None] = queue.Queue(maxsize=UPLOAD_QUEUE_DEPTH)
+
+        def requests() -> Iterator[pb.UploadModelRequest]:
+            while (message := handoff.get()) is not None:
+                yield message
+
+        call: Any = self._upload_stub.UploadModel.future(requests(), metadata=self._metadata)
         try:
-            response: pb.UploadModelResponse = await self.stub.UploadModel(messages, metadata=self._metadata)
-        except grpc.aio.AioRpcError as error:
+            async for message in messages:
+                if not await _hand_over(handoff, message, call):
+                    break  # the service has answered: nothing more to send
+            else:
+                await _hand_over(handoff, None, call)
+            response: pb.UploadModelResponse = await asyncio.to_thread(call.result)
+        except grpc.RpcError as error:
             raise ServiceError.from_rpc_error(error) from None
+        finally:
+            call.cancel()  # a no-op once the call ended; ends it on the caller's failure
+            with contextlib.suppress(queue.Full):
+                handoff.put_nowait(None)  # releases a sender thread waiting for a message
         return response
 
     async def get_model(self, namespace_id: str, model_id: str) -> pb.GetModelResponse:

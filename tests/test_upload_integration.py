@@ -467,3 +467,19 @@ async def test_reflection_lists_the_service_for_generic_grpc_clients(app: ModelS
         responses = [r async for r in stub.ServerReflectionInfo(iter([request]))]
     names = {service.name for service in responses[0].list_services_response.service}
     assert {"modelservice.v1.ModelService", "grpc.health.v1.Health"} <= names
+
+
+async def test_concurrent_duplicate_uploads_surface_already_exists_through_the_client(
+    client: ModelServiceClient, tenant: Tenant, tmp_path: Path
+) -> None:
+    # A 24 MiB archive: the service answers the duplicates long before they are sent.
+    weights = model_files.reference_weights(scale=48 * 1024)
+    archive = model_files.pack(model_files.write_safetensors(tmp_path / "m", weights), tmp_path / "m.tar")
+    fields = _fields(tenant, "safetensors", name="raced")
+    outcomes = await asyncio.gather(*(client.upload_file(archive, fields) for _ in range(20)), return_exceptions=True)
+    failures = [o for o in outcomes if isinstance(o, BaseException)]
+    assert len(outcomes) - len(failures) == 1
+    assert {(f.code, f.reason) for f in failures if isinstance(f, ServiceError)} == {
+        (grpc.StatusCode.ALREADY_EXISTS, "MODEL_ALREADY_EXISTS")
+    }, failures
+    assert all(isinstance(f, ServiceError) for f in failures)
