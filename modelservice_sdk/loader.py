@@ -16,12 +16,16 @@ are views on the shared object store, never copies.
 from __future__ import annotations
 
 import os
+import time
 from typing import Any
 
 from modelservice_sdk.model import ModelNotAvailable, NamespaceModel
 
 CACHE_NAMESPACE = "modelservice"
 DEFAULT_DATABASE = "modelservice"
+CACHE_WAIT_SECONDS = 30.0
+"""How long a load waits for a missing model cache to come back: every service replica
+recreates a lost cache within seconds (its dependency monitor notices)."""
 
 __all__ = ["ModelNotAvailable", "NamespaceModel", "load_namespace_model"]
 
@@ -57,14 +61,26 @@ _actors: dict[str, Any] = {}
 
 
 def _cache_actor(name: str) -> Any:
+    """The cache actor's handle; waits a while for one that is being recreated.
+
+    Plugins never create the cache themselves: it holds the service's credentials (MongoDB,
+    the archive store), which are not the tenant's to have.
+    """
     import ray
 
-    if name not in _actors:
+    if name in _actors:
+        return _actors[name]
+    deadline = time.monotonic() + CACHE_WAIT_SECONDS
+    while True:
         try:
             _actors[name] = ray.get_actor(name, namespace=CACHE_NAMESPACE)
+            return _actors[name]
         except ValueError:
-            raise ModelNotAvailable(f"no modelservice model cache ({name!r}) runs on this Ray cluster") from None
-    return _actors[name]
+            if time.monotonic() >= deadline:
+                raise ModelNotAvailable(
+                    f"no modelservice model cache ({name!r}) runs on this Ray cluster; is the service running?"
+                ) from None
+            time.sleep(0.25)
 
 
 def _load(cache: Any, model_id: str, namespace_id: str | None) -> NamespaceModel:

@@ -376,3 +376,26 @@ def test_the_cache_actor_lives_in_the_service_namespace(app: ModelServiceApp) ->
     actor = ray.get_actor(app.cluster.actor_name, namespace=CACHE_NAMESPACE)
     stats: Any = ray.get(actor.stats.remote())
     assert set(stats) == {"loads_started", "cached_models", "loading_models"}
+
+
+async def test_a_killed_model_cache_is_noticed_recreated_and_loads_on_demand(
+    app: ModelServiceApp, client: ModelServiceClient, tenant: Tenant, tmp_path: Path
+) -> None:
+    model_id = await upload_model(client, tenant.namespace_id, tmp_path, "safetensors")
+    assert (await client.deploy_model(tenant.namespace_id, model_id)).deployment_status == "deployed"
+
+    ray.kill(ray.get_actor(app.cluster.actor_name, namespace=CACHE_NAMESPACE))
+
+    # The service's dependency monitor notices within seconds: GetModel stops claiming the
+    # weights that died with the cache.
+    for _ in range(200):
+        model = (await client.get_model(tenant.namespace_id, model_id)).model
+        if model.deployment_status != "deployed":
+            break
+        await asyncio.sleep(0.1)
+    assert (model.deployment_status, model.deployed) == ("not_deployed", False)
+    assert "lost" in model.deployment_error
+    # A plugin's next load brings the weights back, on demand, through the new cache.
+    total = await _load_and_sum.options(runtime_env=plugin_env(app)).remote(model_id)
+    assert total == pytest.approx(float(sum(a.sum() for a in model_files.reference_weights().values())), rel=1e-5)
+    assert (await client.get_model(tenant.namespace_id, model_id)).model.deployed is True

@@ -142,3 +142,33 @@ async def test_graceful_shutdown_lets_an_in_flight_upload_finish(
             uploaded = await upload
     assert exit_code == 0
     assert uploaded.success
+
+
+async def test_the_embedded_default_starts_again_when_its_mongodb_comes_back_elsewhere(
+    isolated_settings: Settings, ray_address: str, tmp_path: Path
+) -> None:
+    """The README's run command, stopped and started again, with the Ray head (and its
+    detached cache actor) surviving: the actor follows the new MongoDB address."""
+    import socket
+
+    environment = service_environment(isolated_settings, tmp_path / "data", ray_address)
+    environment["MODELSERVICE_MONGODB_URI"] = ""  # the embedded nx-27017
+    with running_service(environment, tmp_path / "first.log") as first:
+        async with connected(first) as client:
+            model_id = await upload_model(client, first.namespace_id, tmp_path, "safetensors")
+            deployed = await client.deploy_model(first.namespace_id, model_id)
+        assert first.terminate() == 0
+    # Another program took the port the embedded MongoDB had: it comes back on another.
+    previous_port = int((tmp_path / "data" / "mongodb" / "port").read_text())
+    with socket.socket() as squatter:
+        squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        squatter.bind(("127.0.0.1", previous_port))
+        squatter.listen()
+        with running_service(environment, tmp_path / "second.log") as second:
+            async with connected(second) as client:
+                again = await client.deploy_model(second.namespace_id, model_id)
+                model = (await client.get_model(second.namespace_id, model_id)).model
+        assert int((tmp_path / "data" / "mongodb" / "port").read_text()) != previous_port
+    assert deployed.deployment_status == "deployed"
+    assert (again.deployment_status, again.cached) == ("deployed", True)
+    assert model.deployed is True

@@ -33,7 +33,10 @@ def free_port(host: str = LOOPBACK) -> int:
 
 
 def port_if_free(port: int, host: str = LOOPBACK) -> bool:
+    """Whether a server could listen on `port` now (SO_REUSEADDR, as servers bind: the
+    connections of a previous run lingering in TIME_WAIT do not make it busy)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             probe.bind((host, port))
         except OSError:
@@ -118,6 +121,7 @@ def running_process(
     host: str = LOOPBACK,
     env: dict[str, str] | None = None,
     startup_timeout: float = 30.0,
+    cwd: Path | None = None,
 ) -> Iterator[RunningProcess]:
     """Starts `command` in its own process group and waits until it listens on `port`.
 
@@ -128,7 +132,7 @@ def running_process(
     with log_path.open("ab") as log:
         process = subprocess.Popen(
             list(command), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            start_new_session=True, env=env,
+            start_new_session=True, env=env, cwd=cwd,
             preexec_fn=_die_with_parent if sys.platform == "linux" else None,
         )
     try:
@@ -193,8 +197,19 @@ def ray_head(
     """A local Ray head owned by the caller (tests): stopped when the context ends."""
     port = free_port()
     command = ray_head_command(port, object_store_bytes=object_store_bytes, num_cpus=num_cpus)
-    with running_process(command, port=port, log_path=log_dir / "ray-head.log", env=env, startup_timeout=90):
+    with running_process(
+        command, port=port, log_path=log_dir / "ray-head.log", env=env, startup_timeout=90,
+        cwd=empty_working_directory(log_dir),
+    ):
         yield f"{LOOPBACK}:{port}"
+
+
+def empty_working_directory(parent: Path) -> Path:
+    """Where Ray processes start: Ray workers inherit it, and it must hold nothing (a
+    relative path resolved by a library in a load task finds no file of the service)."""
+    directory = parent / "workers-cwd"
+    directory.mkdir(parents=True, exist_ok=True)
+    return directory
 
 
 def ensure_ray_head(data_dir: Path, *, object_store_bytes: int, num_cpus: int = 0) -> str:
@@ -216,7 +231,8 @@ def ensure_ray_head(data_dir: Path, *, object_store_bytes: int, num_cpus: int = 
     log_path = data_dir / "ray-head.log"
     with log_path.open("ab") as log:
         process = subprocess.Popen(
-            command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
+            command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+            cwd=empty_working_directory(data_dir),
         )
     _wait_for_port(process, LOOPBACK, port, 90, log_path)
     address = f"{LOOPBACK}:{port}"
