@@ -125,15 +125,16 @@ class ModelServiceApp:
         )
 
         await self._start_grpc(ModelServiceServicer(self.uploads, self.catalog, self.deployments, self.deletions))
+        probe_budget = settings.dependency_probe_timeout_seconds
         self.dependencies = DependencyMonitor(
             {
-                METADATA_STORE: lambda: db.command("ping"),
-                ARCHIVE_STORE: self.store.probe,
-                RAY: self.cluster.ping,
+                METADATA_STORE: (lambda: db.command("ping"), min(probe_budget, settings.mongodb_timeout_seconds)),
+                ARCHIVE_STORE: (self.store.probe, min(probe_budget, settings.s3_timeout_seconds)),
+                # Generous for Ray: a probe after the cache died also recreates it.
+                RAY: (self.cluster.ping, 3 * settings.ray_timeout_seconds),
             },
             self._on_dependencies_changed,
             interval_seconds=settings.dependency_check_interval_seconds,
-            timeout_seconds=max(settings.mongodb_timeout_seconds, settings.s3_timeout_seconds, settings.ray_timeout_seconds),
         )
         monitor_task = asyncio.create_task(self.dependencies.run_forever())
         self._stack.push_async_callback(_cancel, monitor_task)

@@ -80,6 +80,7 @@ async def bounded(call: Awaitable[object], seconds: float, unavailable: ModelSer
 
 
 Probe = Callable[[], Awaitable[object]]
+"""Raises (or takes too long) unless its dependency answers."""
 
 
 class DependencyMonitor:
@@ -88,21 +89,19 @@ class DependencyMonitor:
     `on_change(all_up, down)` is called when the verdict changes (and once at the first
     round): the app turns gRPC health NOT_SERVING while anything is down, so that Envoy
     and load balancers route around the replica, and SERVING again once all answer.
-    A probe that fails or takes longer than `timeout_seconds` counts as down.
+    A probe that fails or takes longer than its time budget counts as down.
     """
 
     def __init__(
         self,
-        probes: Mapping[str, Probe],
+        probes: Mapping[str, tuple[Probe, float]],
         on_change: Callable[[bool, list[str]], Awaitable[None]],
         *,
         interval_seconds: float,
-        timeout_seconds: float,
     ) -> None:
         self._probes = dict(probes)
         self._on_change = on_change
         self._interval = interval_seconds
-        self._timeout = timeout_seconds
         self.down: list[str] = []
         self._reported: bool | None = None
 
@@ -110,7 +109,8 @@ class DependencyMonitor:
         """Probes every dependency at once; returns the names of those that failed."""
         names = list(self._probes)
         outcomes = await asyncio.gather(
-            *(asyncio.wait_for(self._probes[name](), self._timeout) for name in names), return_exceptions=True
+            *(asyncio.wait_for(probe(), budget) for probe, budget in (self._probes[name] for name in names)),
+            return_exceptions=True,
         )
         down = [name for name, outcome in zip(names, outcomes) if isinstance(outcome, BaseException)]
         for name, outcome in zip(names, outcomes):

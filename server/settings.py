@@ -60,13 +60,15 @@ class Settings:
     """Logical CPUs of the embedded local Ray head (0: the machine's count)."""
     ray_cluster_url: str = ""
     """Cluster address shown in deployment_info; default: `ray://<ray_address>`."""
-    ray_timeout_seconds: float = 15.0
+    ray_timeout_seconds: float = 10.0
     """Longest a call to the model cache actor may take before it fails with RAY_UNAVAILABLE
     (waiting for a deployment to finish is not such a call)."""
 
     dependency_check_interval_seconds: float = 2.0
     """How often MongoDB, the archive store and Ray are probed; while one does not answer,
     gRPC health is NOT_SERVING (Envoy routes around the replica)."""
+    dependency_probe_timeout_seconds: float = 3.0
+    """A MongoDB or archive store probe that takes longer than this counts as down."""
 
     watch_poll_seconds: float = 0.2
     """How often watchers and waiters look for new deployment events in MongoDB."""
@@ -137,3 +139,15 @@ def _parse_bool(raw: str) -> bool:
     if lowered in ("0", "false", "no", "off"):
         return False
     raise ValueError("expected true or false")
+
+
+RAY_DRIVER_RECONNECT_SECONDS = 3600
+"""How long the service's Ray driver waits for a lost head before Ray ends the process."""
+
+
+def keep_ray_driver_through_head_outages() -> None:
+    """Tells Ray's driver not to end this process 60 s after the cluster's head became
+    unreachable (Ray's default): the service stays up, says the cluster is unavailable, and
+    reconnects when the head is back. Ray reads these once, when it is first imported."""
+    for knob in ("RAY_gcs_rpc_server_reconnect_timeout_s", "RAY_gcs_server_request_timeout_seconds"):
+        os.environ.setdefault(knob, str(RAY_DRIVER_RECONNECT_SECONDS))

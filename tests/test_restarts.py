@@ -7,18 +7,23 @@ stopped with SIGTERM, against the same MongoDB and S3 as the other tests.
 from __future__ import annotations
 
 import asyncio
+import json
 import contextlib
 import os
+import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
+import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from modelservice.v1 import model_service_pb2 as pb
 
-from modelservice_sdk.client import ModelServiceClient, upload_header
-from server.embedded.processes import ray_head
+from modelservice_sdk.client import ModelServiceClient, ServiceError, upload_header
+from server.embedded.processes import free_port, ray_head
 from server.settings import GIB, Settings
 from tests.support import model_files
 from tests.support.service_process import ServiceProcess, service_environment, start_service
@@ -172,3 +177,100 @@ async def test_the_embedded_default_starts_again_when_its_mongodb_comes_back_els
     assert deployed.deployment_status == "deployed"
     assert (again.deployment_status, again.cached) == ("deployed", True)
     assert model.deployed is True
+
+
+async def test_the_service_outlives_its_ray_head_and_reconnects_when_it_is_back(
+    isolated_settings: Settings, tmp_path: Path
+) -> None:
+    """The head is down for longer than the 60 s after which Ray's driver would end the
+    process by default; the service says so meanwhile and reconnects afterwards."""
+    import time
+
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    import grpc
+
+    from server.embedded.processes import free_port
+
+    port = free_port()
+
+    def head() -> contextlib.AbstractContextManager[str]:
+        return ray_head(tmp_path / "ray", object_store_bytes=GIB // 2, num_cpus=2, env=dict(os.environ), port=port)
+
+    async def health(service: ServiceProcess) -> int:
+        async with grpc.aio.insecure_channel(service.address) as channel:
+            stub: Any = health_pb2_grpc.HealthStub(channel)  # aio channel: the stubs type the sync one
+            status: int = (await stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=5)).status
+            return status
+
+    async def wait_for_health(service: ServiceProcess, status: int, within: float) -> float:
+        started = time.monotonic()
+        while await health(service) != status:
+            assert time.monotonic() - started < within, f"health never became {status}"
+            await asyncio.sleep(0.5)
+        return time.monotonic() - started
+
+    with head() as address:
+        environment = service_environment(isolated_settings, tmp_path / "data", address)
+        environment["MODELSERVICE_DEPENDENCY_CHECK_INTERVAL_SECONDS"] = "1"
+        service = start_service(environment, tmp_path / "service.log")
+        async with connected(service) as client:
+            lost_id = await upload_model(client, service.namespace_id, tmp_path, "onnx")
+            assert (await client.deploy_model(service.namespace_id, lost_id)).deployment_status == "deployed"
+    try:
+        async with connected(service) as client:
+            # The head is gone now (the context ended): the service notices within seconds.
+            assert await wait_for_health(service, health_pb2.HealthCheckResponse.NOT_SERVING, within=30) < 30
+            model_id = await upload_model(client, service.namespace_id, tmp_path, "safetensors")  # no Ray needed
+            with pytest.raises(ServiceError) as unavailable:
+                await client.deploy_model(service.namespace_id, model_id)
+            assert unavailable.value.reason == "RAY_UNAVAILABLE"
+            await asyncio.sleep(65)
+            assert service.process.poll() is None, "the service exited while its Ray head was down"
+            with head():
+                await wait_for_health(service, health_pb2.HealthCheckResponse.SERVING, within=90)
+                deployed = await client.deploy_model(service.namespace_id, model_id)
+                lost = (await client.get_model(service.namespace_id, lost_id)).model
+        assert deployed.deployment_status == "deployed"
+        assert (lost.deployment_status, lost.deployed) == ("not_deployed", False) and "lost" in lost.deployment_error
+    finally:
+        service.stop()
+
+
+async def test_a_rest_request_sent_the_moment_ready_is_printed_reaches_the_service(
+    isolated_settings: Settings, ray_address: str, tmp_path: Path
+) -> None:
+    import subprocess
+    import sys
+    import urllib.error
+    import urllib.request
+
+    from server.embedded.processes import stop_process
+
+    environment = service_environment(isolated_settings, tmp_path / "data", ray_address)
+    http_port = free_port()
+    environment.update(MODELSERVICE_REST_GATEWAY="true", MODELSERVICE_HTTP_PORT=str(http_port))
+    process = subprocess.Popen(
+        [sys.executable, "-m", "server"], env=environment, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+        stdin=subprocess.DEVNULL, start_new_session=True, text=True,
+    )
+
+    def status_right_after_ready() -> int:
+        assert process.stdout is not None
+        for line in process.stdout:
+            if line.strip() == "modelservice is ready":
+                break
+        else:
+            raise AssertionError("the service exited without saying it is ready")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/v1/namespaces/dev/models/x", timeout=5) as answer:
+                return int(answer.status)
+        except urllib.error.HTTPError as refused:
+            body = json.loads(refused.read())
+            assert body["success"] is False
+            return refused.code
+
+    try:
+        status = await asyncio.wait_for(asyncio.to_thread(status_right_after_ready), 120)
+    finally:
+        stop_process(process)
+    assert status == 401  # the service itself answered (no API key); Envoy alone would say 503

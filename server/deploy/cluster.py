@@ -1,9 +1,18 @@
-"""The service's handle on the Ray cluster: connect, find or create the model cache."""
+"""The service's handle on the Ray cluster: connect, find or create the model cache.
+
+Outages: every call to the cache has a time budget (RAY_UNAVAILABLE past it). When the
+cluster stops answering altogether (its head died), the service stays up: Ray's driver is
+told not to exit the process after its default 60 s without the head, health turns
+NOT_SERVING, and once the head answers again the service reconnects, recreates the cache
+and reconciles (models whose weights died with the cluster are marked not deployed).
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import socket
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -12,6 +21,10 @@ from modelservice_sdk.model import ModelNotAvailable
 from server.deploy.specs import CacheConfig, DeployTicket
 from server.dependencies import RayUnavailable, bounded
 from server.errors import ModelNotFound
+from server.settings import keep_ray_driver_through_head_outages
+
+FAILED_PINGS_BEFORE_RECONNECT = 2
+PING_TIMEOUT_SECONDS = 3.0
 
 logger = logging.getLogger(__name__)
 
@@ -26,6 +39,8 @@ class RayModelCluster:
         self._replacing = asyncio.Lock()
         self._actor: Any = None
         self._owns_connection = False
+        self._failed_pings = 0
+        self._reconnection: asyncio.Task[None] | None = None
 
     @property
     def actor_name(self) -> str:
@@ -53,15 +68,52 @@ class RayModelCluster:
         return outcome
 
     async def ping(self) -> None:
-        """Raises unless the cache actor answers; recreates it if it died (for the monitor,
-        which so notices a lost cache within seconds and makes MongoDB say so)."""
-        await self._call(lambda actor: actor.ping.remote())
+        """Raises unless the cache actor answers (for the dependency monitor).
+
+        A dead actor is recreated (so a lost cache is noticed within seconds and MongoDB
+        made to say so); a cluster that stopped answering is reconnected in the background.
+        """
+        try:
+            await self._call(lambda actor: actor.ping.remote(), timeout=PING_TIMEOUT_SECONDS)
+        except RayUnavailable:
+            self._failed_pings += 1
+            if self._failed_pings >= FAILED_PINGS_BEFORE_RECONNECT and self._owns_connection:
+                self._start_reconnection()
+            raise
+        self._failed_pings = 0
+
+    def _start_reconnection(self) -> None:
+        if self._reconnection is None or self._reconnection.done():
+            self._reconnection = asyncio.create_task(self._reconnect())
+
+    async def _reconnect(self) -> None:
+        """Waits for the head to accept connections, then connects anew (a restarted head
+        is a new cluster: the old connection cannot be resumed)."""
+        import ray
+
+        logger.warning("the Ray cluster at %s stopped answering; reconnecting once it is back", self._address)
+        while not await asyncio.to_thread(_accepts_connections, self._address):
+            await asyncio.sleep(1.0)
+        try:
+            await asyncio.to_thread(ray.shutdown)
+            self._owns_connection = False
+            await asyncio.to_thread(self._connect)
+            counts = await self._call(lambda actor: actor.reconcile.remote(), during_reconnection=True)
+        except Exception:
+            logger.exception("reconnecting to the Ray cluster failed; trying again at the next failed check")
+            return
+        self._failed_pings = 0
+        logger.info("reconnected to the Ray cluster at %s; reconciled: %s", self._address, counts)
 
     async def stats(self) -> dict[str, int]:
         stats: dict[str, int] = await self._call(lambda actor: actor.stats.remote())
         return stats
 
     async def close(self) -> None:
+        if self._reconnection is not None:
+            self._reconnection.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reconnection
         if self._owns_connection:
             import ray
 
@@ -69,6 +121,7 @@ class RayModelCluster:
             self._owns_connection = False
 
     def _connect(self) -> None:
+        keep_ray_driver_through_head_outages()  # before Ray's native code first reads its config
         import ray
 
         if not ray.is_initialized():
@@ -115,11 +168,15 @@ class RayModelCluster:
             .remote(self._config)
         )
 
-    async def _call(self, method: Callable[[Any], Awaitable[Any]]) -> Any:
+    async def _call(
+        self, method: Callable[[Any], Awaitable[Any]], *, timeout: float | None = None, during_reconnection: bool = False
+    ) -> Any:
         import ray
 
+        if not during_reconnection and self._reconnection is not None and not self._reconnection.done():
+            raise RayUnavailable("the Ray cluster is unreachable; the service reconnects once it is back", dependency="ray")
         try:
-            return await self._bounded(method(self._actor))
+            return await self._bounded(method(self._actor), timeout)
         except ray.exceptions.RayActorError:
             # The cache died (killed, Ray restarted, node lost): its weights are gone. A new
             # cache starts empty and reconciles MongoDB before serving again.
@@ -129,8 +186,20 @@ class RayModelCluster:
                 await self._bounded(self._actor.reconcile.remote())
             return await self._bounded(method(self._actor))
 
-    async def _bounded(self, call: Awaitable[Any]) -> Any:
+    async def _bounded(self, call: Awaitable[Any], timeout: float | None = None) -> Any:
+        seconds = timeout or self._config_timeout
         return await bounded(
-            call, self._config_timeout,
-            RayUnavailable(f"the Ray cluster did not answer within {self._config_timeout:g}s; retry shortly", dependency="ray"),
+            call, seconds,
+            RayUnavailable(f"the Ray cluster did not answer within {seconds:g}s; retry shortly", dependency="ray"),
         )
+
+
+def _accepts_connections(address: str) -> bool:
+    """Whether `host:port` accepts a TCP connection (True for addresses of other forms:
+    `auto`, `ray://...`, which ray.init resolves itself)."""
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit() or "/" in address:
+        return True
+    with contextlib.suppress(OSError), socket.create_connection((host, int(port)), timeout=1):
+        return True
+    return False

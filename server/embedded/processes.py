@@ -18,6 +18,7 @@ import time
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 logger = logging.getLogger(__name__)
 
@@ -99,7 +100,7 @@ def _die_with_parent() -> None:
     libc.prctl(pr_set_pdeathsig, signal.SIGTERM)
 
 
-def stop_process(process: subprocess.Popen[bytes], grace_seconds: float = 10.0) -> None:
+def stop_process(process: subprocess.Popen[Any], grace_seconds: float = 10.0) -> None:
     if process.poll() is not None:
         return
     with contextlib.suppress(ProcessLookupError):
@@ -192,10 +193,10 @@ def ray_head_command(port: int, *, object_store_bytes: int, num_cpus: int) -> li
 
 @contextlib.contextmanager
 def ray_head(
-    log_dir: Path, *, object_store_bytes: int, num_cpus: int = 0, env: dict[str, str] | None = None
+    log_dir: Path, *, object_store_bytes: int, num_cpus: int = 0, env: dict[str, str] | None = None, port: int = 0
 ) -> Iterator[str]:
     """A local Ray head owned by the caller (tests): stopped when the context ends."""
-    port = free_port()
+    port = port or free_port()
     command = ray_head_command(port, object_store_bytes=object_store_bytes, num_cpus=num_cpus)
     with running_process(
         command, port=port, log_path=log_dir / "ray-head.log", env=env, startup_timeout=90,

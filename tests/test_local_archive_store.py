@@ -1,0 +1,27 @@
+"""The embedded archive store (a local directory): refused and deleted uploads leave nothing."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from server.archives.stores import LocalArchiveStore
+
+
+async def test_an_aborted_upload_leaves_no_file_and_no_directory(tmp_path: Path) -> None:
+    store = LocalArchiveStore(tmp_path / "archives")
+    writer = await store.open_writer("tenant/model-id/archive")
+    await writer.write(b"partial bytes")
+    await writer.abort()
+    assert list((tmp_path / "archives").iterdir()) == []
+
+
+async def test_deleting_an_archive_prunes_its_directories_but_not_a_neighbours(tmp_path: Path) -> None:
+    store = LocalArchiveStore(tmp_path / "archives")
+    for key in ("tenant/kept/archive", "tenant/deleted/archive"):
+        writer = await store.open_writer(key)
+        await writer.write(b"bytes")
+        await writer.complete()
+    await store.delete("tenant/deleted/archive")
+    assert [p.relative_to(tmp_path / "archives").as_posix() for p in sorted((tmp_path / "archives").rglob("*"))] == [
+        "tenant", "tenant/kept", "tenant/kept/archive",
+    ]
