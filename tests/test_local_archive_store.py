@@ -25,3 +25,9 @@ async def test_deleting_an_archive_prunes_its_directories_but_not_a_neighbours(t
     assert [p.relative_to(tmp_path / "archives").as_posix() for p in sorted((tmp_path / "archives").rglob("*"))] == [
         "tenant", "tenant/kept", "tenant/kept/archive",
     ]
+
+
+def test_archive_urls_name_the_key_not_the_servers_directories(tmp_path: Path) -> None:
+    store = LocalArchiveStore(tmp_path / "archives")
+    url = store.url_for("tenant/model-id/archive")
+    assert url == "local-store:tenant/model-id/archive" and str(tmp_path) not in url

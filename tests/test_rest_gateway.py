@@ -49,6 +49,7 @@ def _assert_error(body: Any, status: int, code: str) -> None:
     assert body["success"] is False and body["status"] == status
     assert body["error"]["code"] == code
     assert body["error"]["message"] and body["error"]["type"]
+    assert isinstance(body["error"]["details"], dict)
     assert schema_errors("get_model", "ErrorResponse", body) == []
 
 

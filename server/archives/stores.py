@@ -253,6 +253,9 @@ class _S3MultipartWriter:
         self._peak = max(self._peak, len(self._buffer) + self._in_flight_bytes)
 
 
+LOCAL_STORE_SCHEME = "local-store"
+
+
 class LocalArchiveStore:
     """Archives as files under a directory: the embedded default, for one machine.
 
@@ -272,7 +275,8 @@ class LocalArchiveStore:
         return path
 
     def url_for(self, key: str) -> str:
-        return self.path_for(key).as_uri()
+        """`local-store:<key>`: where the server keeps its files is not the tenant's to see."""
+        return f"{LOCAL_STORE_SCHEME}:{key}"
 
     async def probe(self) -> None:
         def writable() -> None:
