@@ -2,11 +2,12 @@
 
     modelservice upload model.tar.gz --namespace dev --name bert --version 1 --format safetensors
     modelservice get <model_id> --namespace dev
-    modelservice deploy <model_id> --namespace dev [--no-wait]
+    modelservice deploy <model_id> --namespace dev [--no-wait] [--pin | --unpin] [--idle-ttl SECONDS]
     modelservice watch <model_id> --namespace dev
     modelservice tasks --namespace dev (--task <task_id> | --model <model_id>)
     modelservice list --namespace dev
     modelservice undeploy <model_id> --namespace dev
+    modelservice cache --namespace dev
     modelservice delete <model_id> --namespace dev
 
 Connection: --address / MODELSERVICE_ADDRESS (default 127.0.0.1:50051; an Envoy port works
@@ -100,6 +101,12 @@ def _parser() -> argparse.ArgumentParser:
     deploy = commands.add_parser("deploy", parents=[common], help="load a model into the Ray object store")
     deploy.add_argument("model_id")
     deploy.add_argument("--no-wait", action="store_true", help="return at once with the task id")
+    pinning = deploy.add_mutually_exclusive_group()
+    pinning.add_argument("--pin", dest="pin", action="store_const", const=True, help="never evict this model")
+    pinning.add_argument("--unpin", dest="pin", action="store_const", const=False, help="let it be evicted again")
+    deploy.add_argument(
+        "--idle-ttl", type=float, default=None, metavar="SECONDS", help="undeploy after this long unused (0: never)"
+    )
     watch = commands.add_parser("watch", parents=[common], help="follow a deployment live")
     watch.add_argument("model_id")
     watch.add_argument("--task", default="", help="a deploy task id (default: the latest)")
@@ -111,6 +118,7 @@ def _parser() -> argparse.ArgumentParser:
     undeploy.add_argument("model_id")
     delete = commands.add_parser("delete", parents=[common], help="delete a model, its archive and cached weights")
     delete.add_argument("model_id")
+    commands.add_parser("cache", parents=[common], help="show the object store per Ray node and the namespace's cached models")
     tasks = commands.add_parser("tasks", parents=[common], help="show a deploy task")
     which = tasks.add_mutually_exclusive_group(required=True)
     which.add_argument("--task", help="deploy task id")
@@ -129,7 +137,10 @@ async def run(arguments: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         if command == "get":
             return _show(await client.get_model(arguments.namespace, arguments.model_id), arguments, out, _describe_model)
         if command == "deploy":
-            response = await client.deploy_model(arguments.namespace, arguments.model_id, wait=not arguments.no_wait)
+            response = await client.deploy_model(
+                arguments.namespace, arguments.model_id, wait=not arguments.no_wait,
+                pin=arguments.pin, idle_ttl_seconds=arguments.idle_ttl,
+            )
             _show(response, arguments, out, _describe_deploy)
             return EXIT_OK if response.success else EXIT_REFUSED
         if command == "watch":
@@ -140,6 +151,8 @@ async def run(arguments: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         if command == "undeploy":
             undeployed = await client.undeploy_model(arguments.namespace, arguments.model_id)
             return _show(undeployed, arguments, out, lambda body: str(body["message"]))
+        if command == "cache":
+            return _show(await client.get_cache_status(arguments.namespace), arguments, out, _describe_cache)
         if command == "delete":
             deleted = await client.delete_model(arguments.namespace, arguments.model_id)
             return _show(deleted, arguments, out, lambda body: str(body["message"]))
@@ -215,6 +228,24 @@ def _describe_page(body: dict[str, Any]) -> str:
     if body["next_page_token"]:
         lines.append(f"(more: --page-token {body['next_page_token']})")
     return "\n".join(lines) or "no models"
+
+
+def _describe_cache(body: dict[str, Any]) -> str:
+    lines = []
+    for node in body["nodes"]:
+        lines.append(
+            f"node {node['node_id']}: {_mib(node['used_bytes'])} of {_mib(node['budget_bytes'])} budget used "
+            f"({_mib(node['pinned_bytes'])} pinned or loading; object store {_mib(node['capacity_bytes'])})"
+        )
+        for model in node["models"]:
+            flags = ", ".join(flag for flag in ("pinned", "loading") if model[flag])
+            ttl = f", idle ttl {model['idle_ttl_seconds']:g}s" if model["idle_ttl_seconds"] else ""
+            lines.append(f"  {model['model_id']}  {_mib(model['bytes'])}  last used {model['last_used']}{ttl}{' (' + flags + ')' if flags else ''}")
+    return "\n".join(lines) or "no Ray node with an object store"
+
+
+def _mib(value: float) -> str:
+    return f"{value / (1 << 20):.1f} MiB"
 
 
 def _describe_deploy(body: dict[str, Any]) -> str:

@@ -209,10 +209,26 @@ class ModelServiceClient:
         response: pb.UndeployModelResponse = await self._unary(self.stub.UndeployModel, request)
         return response
 
-    async def deploy_model(self, namespace_id: str, model_id: str, *, wait: bool = True) -> pb.DeployModelResponse:
-        request = pb.DeployModelRequest(namespace_id=namespace_id, model_id=model_id, wait=wait)
+    async def deploy_model(
+        self,
+        namespace_id: str,
+        model_id: str,
+        *,
+        wait: bool = True,
+        pin: bool | None = None,
+        idle_ttl_seconds: float | None = None,
+    ) -> pb.DeployModelResponse:
+        request = pb.DeployModelRequest(
+            namespace_id=namespace_id, model_id=model_id, wait=wait, pin=pin, idle_ttl_seconds=idle_ttl_seconds
+        )
         response: pb.DeployModelResponse = await self._unary(self.stub.DeployModel, request)
         return response
+
+    async def get_cache_status(self, namespace_id: str) -> pb.CacheStatus:
+        status: pb.CacheStatus = await self._unary(
+            self.stub.GetCacheStatus, pb.GetCacheStatusRequest(namespace_id=namespace_id)
+        )
+        return status
 
     async def get_deploy_task(self, namespace_id: str, task_id: str) -> pb.DeployTask:
         task: pb.DeployTask = await self._unary(

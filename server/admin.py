@@ -1,10 +1,12 @@
-"""Administration of tenants: namespaces (with their tier) and API keys.
+"""Administration of tenants: namespaces (with their tier and quotas) and API keys.
 
     python -m server.admin create-namespace acme --tier enterprise
     python -m server.admin create-key --namespace acme --label ci
     python -m server.admin list-keys [--namespace acme]
     python -m server.admin revoke-key <key_id>
     python -m server.admin set-tier acme pro
+    python -m server.admin set-quota acme --max-models 100 --max-archive-bytes 107374182400 --max-deployed-bytes 0
+    python -m server.admin show-quota acme
 
 It talks to MongoDB directly: `MODELSERVICE_MONGODB_URI`, or, when the service runs with its
 embedded MongoDB, the address that the running service wrote to `<data_dir>/mongodb/uri`.
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import sys
 from collections.abc import Sequence
@@ -25,7 +28,7 @@ from pymongo import AsyncMongoClient
 from server.core.models import Tier, utc_now
 from server.core.tenancy import TenancyService
 from server.errors import ModelServiceError
-from server.persistence.mongo import TenancyRepository, connect, database
+from server.persistence.mongo import ModelRepository, TenancyRepository, connect, database
 from server.settings import Settings
 
 URI_FILE = Path("mongodb") / "uri"
@@ -59,15 +62,31 @@ def _parser() -> argparse.ArgumentParser:
     list_keys.add_argument("--namespace", default=None)
     revoke = commands.add_parser("revoke-key", help="revoke a key by its id")
     revoke.add_argument("key_id")
+    set_quota = commands.add_parser("set-quota", help="set a namespace's quotas (0: unlimited; unset: unchanged)")
+    set_quota.add_argument("namespace_id")
+    for flag in ("--max-archive-bytes", "--max-models", "--max-deployed-bytes"):
+        set_quota.add_argument(flag, type=_non_negative_int, default=None)
+    show_quota = commands.add_parser("show-quota", help="show a namespace's quotas and what it uses")
+    show_quota.add_argument("namespace_id")
     return parser
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError("must be 0 (unlimited) or more")
+    return value
 
 
 async def run(arguments: argparse.Namespace, settings: Settings) -> dict[str, Any]:
     client: AsyncMongoClient[dict[str, Any]] = connect(mongodb_uri(settings), settings.mongodb_timeout_seconds)
     try:
-        repository = TenancyRepository(database(client, settings.mongodb_database))
+        db = database(client, settings.mongodb_database)
+        repository = TenancyRepository(db)
         await repository.ensure_indexes()
         tenancy = TenancyService(repository)
+        if arguments.command in ("set-quota", "show-quota"):
+            return await _quota(arguments, repository, ModelRepository(db))
         if arguments.command == "create-namespace":
             namespace = await tenancy.create_namespace(arguments.namespace_id, Tier(arguments.tier))
             return {"namespace_id": namespace.namespace_id, "tier": namespace.tier.value}
@@ -97,6 +116,31 @@ async def run(arguments: argparse.Namespace, settings: Settings) -> dict[str, An
         return {"key_id": arguments.key_id, "revoked": True}
     finally:
         await client.close()
+
+
+async def _quota(arguments: argparse.Namespace, tenancy: TenancyRepository, models: ModelRepository) -> dict[str, Any]:
+    namespace = await tenancy.get_namespace(arguments.namespace_id)
+    if namespace is None:
+        raise SystemExit(f"namespace {arguments.namespace_id!r} not found")
+    quotas = namespace.quotas
+    if arguments.command == "set-quota":
+        changes = {
+            field: value
+            for field, value in (
+                ("max_archive_bytes", arguments.max_archive_bytes),
+                ("max_models", arguments.max_models),
+                ("max_deployed_bytes", arguments.max_deployed_bytes),
+            )
+            if value is not None
+        }
+        quotas = dataclasses.replace(quotas, **changes)
+        await tenancy.set_quotas(namespace.namespace_id, quotas)
+    usage = await models.namespace_usage(namespace.namespace_id)
+    return {
+        "namespace_id": namespace.namespace_id,
+        "quotas": dataclasses.asdict(quotas),
+        "usage": {"models": usage.models, "archive_bytes": usage.archive_bytes, "deployed_bytes": usage.deployed_bytes},
+    }
 
 
 def main(argv: Sequence[str] | None = None) -> None:

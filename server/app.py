@@ -32,6 +32,7 @@ from server.core.tenancy import TenancyService
 from server.core.janitor import Janitor
 from server.core.uploads import UploadLimits, UploadService
 from server.dependencies import ARCHIVE_STORE, METADATA_STORE, RAY, DependencyMonitor
+from server.metrics import CacheMetrics, serve_metrics
 from server.deploy.cluster import RayModelCluster
 from server.deploy.specs import CacheConfig, StoreConfig
 from server.embedded.processes import embedded_mongodb, ensure_ray_head
@@ -42,6 +43,8 @@ from server.settings import Settings
 logger = logging.getLogger(__name__)
 
 SERVICE_NAME = model_service_pb2.DESCRIPTOR.services_by_name["ModelService"].full_name
+ANSWER_FLUSH_SECONDS = 0.5
+"""After the last call ended, how long the server stays up for answers to leave."""
 
 
 class ModelServiceApp:
@@ -52,8 +55,10 @@ class ModelServiceApp:
         self._stack = contextlib.AsyncExitStack()
         self._server: grpc.aio.Server | None = None
         self._health: health.aio.HealthServicer | None = None
+        self._interceptor = ErrorMappingInterceptor()
         self._draining = False
         self.port = 0
+        self.metrics_port = 0
         self.mongodb_uri = ""
         # Built in start(); public so tools (admin, tests) reuse the same services.
         self.tenancy: TenancyService
@@ -65,6 +70,7 @@ class ModelServiceApp:
         self.janitor: Janitor
         self.store: ArchiveStore
         self.dependencies: DependencyMonitor
+        self.metrics: CacheMetrics
 
     async def __aenter__(self) -> ModelServiceApp:
         try:
@@ -138,6 +144,18 @@ class ModelServiceApp:
         )
         monitor_task = asyncio.create_task(self.dependencies.run_forever())
         self._stack.push_async_callback(_cancel, monitor_task)
+        self._start_metrics()
+
+    def _start_metrics(self) -> None:
+        settings = self.settings
+        if settings.metrics_port < 0:
+            return
+        self.metrics = CacheMetrics(self.cluster.metrics_snapshot)
+        refresher = asyncio.create_task(self.metrics.refresh_forever(settings.dependency_check_interval_seconds))
+        self._stack.push_async_callback(_cancel, refresher)
+        stop, self.metrics_port = serve_metrics(self.metrics, settings.metrics_host, settings.metrics_port)
+        self._stack.callback(stop)
+        logger.info("Prometheus metrics on http://%s:%d/metrics", settings.metrics_host, self.metrics_port)
 
     async def _on_dependencies_changed(self, all_up: bool, down: list[str]) -> None:
         """Health follows the dependencies, except while draining (then it stays NOT_SERVING)."""
@@ -171,6 +189,7 @@ class ModelServiceApp:
                 max_members=settings.max_archive_members,
                 scratch_dir=str(scratch),
                 deploy_task_retention_seconds=settings.deploy_task_retention_seconds,
+                object_store_budget_fraction=settings.object_store_budget_fraction,
             ),
             call_timeout_seconds=settings.ray_timeout_seconds,
         )
@@ -210,7 +229,7 @@ class ModelServiceApp:
         settings = self.settings
         limit = settings.grpc_max_message_bytes
         server = grpc.aio.server(
-            interceptors=[ErrorMappingInterceptor()],
+            interceptors=[self._interceptor],
             options=[
                 ("grpc.max_receive_message_length", limit),
                 ("grpc.max_send_message_length", limit),
@@ -242,10 +261,20 @@ class ModelServiceApp:
             await self._health.enter_graceful_shutdown()
 
     async def stop(self) -> None:
-        """Drains first, then in-flight RPCs get the grace period, then clients close."""
+        """Drains first, then in-flight RPCs get the grace period, then clients close.
+
+        The server is stopped only once our calls have ended and their answers had a moment
+        to leave: stopping it while the last answer is still in the transport can reach the
+        client as CANCELLED.
+        """
         if self._server is not None:
             await self.begin_draining()
-            await self._server.stop(self.settings.shutdown_grace_seconds)
+            finished = await self._interceptor.calls.wait_idle(self.settings.shutdown_grace_seconds)
+            if finished:
+                await asyncio.sleep(ANSWER_FLUSH_SECONDS)
+            else:
+                logger.warning("%d calls still under way after the grace period; cancelling them", self._interceptor.calls.count)
+            await self._server.stop(ANSWER_FLUSH_SECONDS)
             self._server = None
         await self._stack.aclose()
 

@@ -21,6 +21,7 @@ class ErrorKind(enum.Enum):
     CONFLICT = "conflict"
     FAILED_PRECONDITION = "failed_precondition"
     UNAVAILABLE = "unavailable"
+    RESOURCE_EXHAUSTED = "resource_exhausted"
 
 
 class ModelServiceError(Exception):
@@ -102,3 +103,10 @@ class ModelDeploying(ModelServiceError):
 
     reason = "MODEL_DEPLOYING"
     kind = ErrorKind.FAILED_PRECONDITION
+
+
+class QuotaExceeded(ModelServiceError):
+    """The namespace's quota (stored bytes, models, deployed bytes) would be exceeded."""
+
+    reason = "QUOTA_EXCEEDED"
+    kind = ErrorKind.RESOURCE_EXHAUSTED

@@ -60,6 +60,10 @@ class Settings:
     """Logical CPUs of the embedded local Ray head (0: the machine's count)."""
     ray_cluster_url: str = ""
     """Cluster address shown in deployment_info; default: `ray://<ray_address>`."""
+    object_store_budget_fraction: float = 0.7
+    """Share of each Ray node's object store that deployed models may take; the rest stays
+    for plugins' own objects, so that the store never spills. A deploy that cannot fit even
+    after evicting the least recently used unpinned models fails at the schedule stage."""
     ray_timeout_seconds: float = 10.0
     """Longest a call to the model cache actor may take before it fails with RAY_UNAVAILABLE
     (waiting for a deployment to finish is not such a call)."""
@@ -96,6 +100,11 @@ class Settings:
     """An upload whose replica stopped renewing its reservation for this long is cleaned."""
     janitor_interval_seconds: float = 60.0
     """How often stale reservations and orphan multipart uploads are cleaned."""
+
+    metrics_host: str = "127.0.0.1"
+    """Address of the Prometheus `/metrics` endpoint."""
+    metrics_port: int = 9464
+    """Port of the Prometheus `/metrics` endpoint; 0 picks a free one, -1 turns it off."""
 
     grpc_max_message_bytes: int = 8 * MIB
     """Largest gRPC message accepted (upload chunks must fit)."""

@@ -88,6 +88,8 @@ def service_settings(mongodb_uri: str, s3_endpoint: str, ray_address: str, sessi
         multipart_part_bytes=TEST_PART_BYTES,
         multipart_parts_in_flight=TEST_PARTS_IN_FLIGHT,
         shutdown_grace_seconds=2.0,
+        metrics_port=0,
+        dependency_check_interval_seconds=0.5,
     )
 
 

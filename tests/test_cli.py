@@ -39,17 +39,23 @@ async def cli(address: str, api_key: str, *args: str) -> Result:
     return Result(process.returncode, out.decode(), err.decode())
 
 
+async def cli_upload(address: str, tenant: Tenant, archive: Path, model_format: str, name: str) -> Result:
+    """`modelservice upload ... --json` of version 1; asserts it succeeded."""
+    uploaded = await cli(
+        address, tenant.api_key, "upload", str(archive), "--namespace", tenant.namespace_id, "--name", name,
+        "--version", "1", "--format", model_format, "--memory-gb", "0.5", "--json",
+    )
+    assert uploaded.code == 0, uploaded.err
+    return uploaded
+
+
 async def test_upload_with_progress_then_deploy_watch_get_and_tasks(
     app: ModelServiceApp, tenant: Tenant, tmp_path: Path
 ) -> None:
     archive = build_model_archive(tmp_path, "huggingface")
     ns = ("--namespace", tenant.namespace_id)
 
-    uploaded = await cli(
-        app.address, tenant.api_key, "upload", str(archive), *ns, "--name", "cli-model", "--version", "1",
-        "--format", "huggingface", "--memory-gb", "0.5", "--json",
-    )
-    assert uploaded.code == 0, uploaded.err
+    uploaded = await cli_upload(app.address, tenant, archive, "huggingface", "cli-model")
     body = json.loads(uploaded.out)
     assert body["model_hash"] == file_sha256(archive)
     progress = [line for line in uploaded.err.splitlines() if line.startswith("upload [")]
@@ -95,3 +101,17 @@ async def test_errors_give_the_reason_and_a_non_zero_exit_code(app: ModelService
     assert (missing.code, wrong_key.code, unreachable.code) == (1, 1, 3)
     assert "MODEL_NOT_FOUND" in missing.err and "UNAUTHENTICATED" in wrong_key.err
     assert "cannot reach modelservice" in unreachable.err
+
+
+async def test_cache_shows_each_node_and_the_namespaces_cached_models(
+    app: ModelServiceApp, tenant: Tenant, tmp_path: Path
+) -> None:
+    ns = ("--namespace", tenant.namespace_id)
+    uploaded = await cli_upload(app.address, tenant, build_model_archive(tmp_path, "safetensors"), "safetensors", "cached")
+    model_id = json.loads(uploaded.out)["model_id"]
+    assert (await cli(app.address, tenant.api_key, "deploy", model_id, *ns, "--pin")).code == 0
+    shown = await cli(app.address, tenant.api_key, "cache", *ns)
+    assert shown.code == 0, shown.err
+    assert shown.out.startswith("node ") and "budget used" in shown.out
+    assert model_id in shown.out and "(pinned)" in shown.out
+    assert (await cli(app.address, tenant.api_key, "undeploy", model_id, *ns)).code == 0

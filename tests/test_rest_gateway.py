@@ -350,3 +350,14 @@ async def test_a_failed_deployment_answers_500_with_the_deploy_response_as_body(
     assert (body["success"], body["deployment_status"]) == (False, "failed")
     assert "schedule: INSUFFICIENT_RESOURCES" in body["message"]
     assert "x-modelservice-http-status" not in response.headers
+
+
+async def test_the_cache_status_has_a_rest_path(
+    gateway: EnvoyEndpoints, http: aiohttp.ClientSession, tenant: Tenant
+) -> None:
+    url = f"{gateway.base_url}/v1/namespaces/{tenant.namespace_id}/cache"
+    async with http.get(url, headers=_headers(tenant)) as response:
+        body = await _json(response)
+    assert response.status == 200 and body["success"] is True
+    [node] = body["nodes"]
+    assert node["capacity_bytes"] > 0 and node["budget_bytes"] > 0 and node["models"] == []

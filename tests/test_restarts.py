@@ -120,6 +120,21 @@ async def test_after_a_ray_restart_lost_models_are_marked_and_load_again(
     assert final.deployment_info.ray_cluster_url == f"ray://{second_cluster}"
 
 
+async def _until_the_service_reserved(settings: Settings, namespace_id: str) -> None:
+    """Returns once an upload of the namespace holds a reservation (it is under way in the service)."""
+    from pymongo import AsyncMongoClient
+
+    mongo: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(settings.mongodb_uri)
+    try:
+        for _ in range(300):
+            if await mongo[settings.mongodb_database]["models"].find_one({"namespace_id": namespace_id, "state": "uploading"}):
+                return
+            await asyncio.sleep(0.02)
+        raise AssertionError("the upload never reached the service")
+    finally:
+        await mongo.close()
+
+
 async def test_graceful_shutdown_lets_an_in_flight_upload_finish(
     isolated_settings: Settings, ray_address: str, tmp_path: Path
 ) -> None:
@@ -143,6 +158,7 @@ async def test_graceful_shutdown_lets_an_in_flight_upload_finish(
 
             upload = asyncio.create_task(client.upload_stream(slow_upload()))
             await started.wait()
+            await _until_the_service_reserved(isolated_settings, service.namespace_id)  # the call is in the service
             exit_code = await asyncio.to_thread(service.terminate)
             uploaded = await upload
     assert exit_code == 0
@@ -184,13 +200,6 @@ async def test_the_service_outlives_its_ray_head_and_reconnects_when_it_is_back(
 ) -> None:
     """The head is down for longer than the 60 s after which Ray's driver would end the
     process by default; the service says so meanwhile and reconnects afterwards."""
-    import time
-
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
-    import grpc
-
-    from server.embedded.processes import free_port
-
     port = free_port()
 
     def head() -> contextlib.AbstractContextManager[str]:

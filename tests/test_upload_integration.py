@@ -26,7 +26,7 @@ from server.app import ModelServiceApp
 from server.core.models import Tier
 from tests.conftest import TEST_PART_BYTES, TEST_PARTS_IN_FLIGHT, Tenant, make_tenant
 from tests.support import model_files
-from tests.support.uploads import build_model_archive
+from tests.support.uploads import build_model_archive, upload_refused_before_the_bytes
 
 pytestmark = pytest.mark.integration
 
@@ -96,22 +96,10 @@ async def test_duplicate_name_and_version_fails_before_any_byte_with_already_exi
 ) -> None:
     archive = build_model_archive(tmp_path, "safetensors", "gz")
     await client.upload_file(archive, _fields(tenant, "safetensors", name="dup"))
-    bytes_requested = 0
-
-    async def messages() -> AsyncIterator[pb.UploadModelRequest]:
-        nonlocal bytes_requested
-        yield upload_header(_fields(tenant, "safetensors", name="dup"))
-        for _ in range(100):  # the server must answer long before these are needed
-            bytes_requested += 1
-            await asyncio.sleep(0.05)
-            yield pb.UploadModelRequest(chunk=b"\0" * 1024)
-
-    with pytest.raises(ServiceError) as raised:
-        await client.upload_stream(messages())
-    assert raised.value.code is grpc.StatusCode.ALREADY_EXISTS
-    assert raised.value.reason == "MODEL_ALREADY_EXISTS"
-    assert raised.value.metadata == {"namespace_id": tenant.namespace_id, "name": "dup", "version": "1.0.0"}
-    assert bytes_requested < 100
+    refused = await upload_refused_before_the_bytes(client, _fields(tenant, "safetensors", name="dup"))
+    assert refused.code is grpc.StatusCode.ALREADY_EXISTS
+    assert refused.reason == "MODEL_ALREADY_EXISTS"
+    assert refused.metadata == {"namespace_id": tenant.namespace_id, "name": "dup", "version": "1.0.0"}
 
 
 async def test_checksum_mismatch_is_rejected_and_leaves_nothing(
@@ -344,27 +332,39 @@ async def test_the_janitor_decides_from_our_records_not_from_the_stores_clock(
     app: ModelServiceApp, tenant: Tenant
 ) -> None:
     # moto reports every multipart upload as initiated in 2010: a clock-based janitor
-    # would abort the live one. Ours keeps the upload a live reservation claims, and
-    # aborts the one no record claims (a replica killed between opening and recording it).
+    # would abort the live one. Ours keeps the upload of a live reservation, aborts the one
+    # of an expired reservation even though its id was never recorded (a replica killed
+    # between opening the upload and recording it), and leaves alone an upload it holds no
+    # record of (another deployment sharing the bucket may own it).
     from server.core.models import utc_now
     from server.core.validation import UploadDeclaration, validate_declaration
     from server.persistence.mongo import ModelRepository, database
 
     mongo = _mongo_client(app)
     models = ModelRepository(database(mongo, app.settings.mongodb_database))
-    metadata = validate_declaration(
-        UploadDeclaration(namespace_id=tenant.namespace_id, name="live", version="1", model_format="onnx")
-    )
-    live_key, orphan_key = f"{tenant.namespace_id}/live-model/archive", f"{tenant.namespace_id}/unrecorded/archive"
-    await models.reserve("live-model", metadata, live_key, utc_now() + datetime.timedelta(minutes=5), utc_now())
-    await models.record_upload_id("live-model", await _orphan_multipart_upload(app, live_key))
-    await _orphan_multipart_upload(app, orphan_key)
+
+    def metadata(name: str) -> Any:
+        return validate_declaration(
+            UploadDeclaration(namespace_id=tenant.namespace_id, name=name, version="1", model_format="onnx")
+        )
+
+    keys = {name: f"{tenant.namespace_id}/{name}-model/archive" for name in ("live", "unrecorded", "foreign")}
+    await models.reserve("live-model", metadata("live"), keys["live"], utc_now() + datetime.timedelta(minutes=5), utc_now())
+    await models.record_upload_id("live-model", await _orphan_multipart_upload(app, keys["live"]))
+    long_ago = utc_now() - datetime.timedelta(hours=1)
+    await models.reserve("unrecorded-model", metadata("unrecorded"), keys["unrecorded"], long_ago, long_ago)
+    await _orphan_multipart_upload(app, keys["unrecorded"])
+    foreign_upload = await _orphan_multipart_upload(app, keys["foreign"])
     try:
         await app.janitor.sweep()
-        assert (await _s3_objects_and_uploads(app, tenant.namespace_id))[1] == [app.settings.s3_prefix + live_key]
+        assert sorted((await _s3_objects_and_uploads(app, tenant.namespace_id))[1]) == [
+            app.settings.s3_prefix + keys["foreign"], app.settings.s3_prefix + keys["live"],
+        ]
     finally:
         await models.release("live-model")
-        await app.janitor.sweep()
+        for pending in await app.store.list_pending(keys["live"]):
+            await app.store.abort_pending(pending.key, pending.upload_id)
+        await app.store.abort_pending(keys["foreign"], foreign_upload)
         await mongo.close()
     assert await _s3_objects_and_uploads(app, tenant.namespace_id) == ([], [])
 
@@ -406,7 +406,7 @@ async def test_a_live_upload_keeps_its_reservation_while_a_part_stalls(app: Mode
         async def abort_pending(self, key: str, upload_id: str) -> None:
             return
 
-        async def list_pending(self) -> list[PendingUpload]:
+        async def list_pending(self, key: str = "") -> list[PendingUpload]:
             return []
 
         async def probe(self) -> None:

@@ -13,6 +13,7 @@ from server.core.catalog import ModelPage
 from server.core.deployments import DeployOutcome, UndeployOutcome
 from server.core.models import DeploymentStatus, StoredModel
 from server.core.validation import UploadDeclaration
+from server.deploy.specs import DeployOptions, NodeUsage
 from server.persistence.deployments import TASK_TYPE, DeploymentEvent, DeployTask
 
 
@@ -42,6 +43,37 @@ def declaration_from_request(request: pb.UploadModelRequest) -> UploadDeclaratio
         expected_sha256=request.expected_sha256,
         input_schema=_dict_or_none(request, "input_schema"),
         output_schema=_dict_or_none(request, "output_schema"),
+    )
+
+
+def cache_status(nodes: list[NodeUsage]) -> pb.CacheStatus:
+    return pb.CacheStatus(
+        success=True,
+        nodes=[
+            pb.CacheNode(
+                node_id=node.node_id,
+                capacity_bytes=float(node.capacity_bytes),
+                budget_bytes=float(node.budget_bytes),
+                used_bytes=float(node.used_bytes),
+                pinned_bytes=float(node.pinned_bytes),
+                models=[
+                    pb.CachedModel(
+                        model_id=model.model_id, bytes=float(model.nbytes), pinned=model.pinned, loading=model.loading,
+                        last_used=timestamp(datetime.datetime.fromtimestamp(model.last_used, datetime.UTC)),
+                        idle_ttl_seconds=model.idle_ttl_seconds,
+                    )
+                    for model in node.models
+                ],
+            )
+            for node in nodes
+        ],
+    )
+
+
+def deploy_options(request: pb.DeployModelRequest) -> DeployOptions:
+    return DeployOptions(
+        pin=request.pin if request.HasField("pin") else None,
+        idle_ttl_seconds=request.idle_ttl_seconds if request.HasField("idle_ttl_seconds") else None,
     )
 
 
@@ -78,6 +110,7 @@ def model_document(model: StoredModel) -> pb.CustomModelDocument:
         created_at=timestamp(model.created_at),
         updated_at=timestamp(model.updated_at),
         size_bytes=float(model.size_bytes),
+        weights_bytes=float(model.weights_bytes),
         deployment_status=model.deployment_status.value,
         deployment_error=model.deployment_error,
     )

@@ -12,9 +12,10 @@ Covers unary and streaming handlers alike.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 import grpc
@@ -37,6 +38,7 @@ GRPC_CODES: dict[ErrorKind, grpc.StatusCode] = {
     ErrorKind.CONFLICT: grpc.StatusCode.ALREADY_EXISTS,
     ErrorKind.FAILED_PRECONDITION: grpc.StatusCode.FAILED_PRECONDITION,
     ErrorKind.UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
+    ErrorKind.RESOURCE_EXHAUSTED: grpc.StatusCode.RESOURCE_EXHAUSTED,
 }
 
 #: HTTP status and error type of each kind, for REST callers (the public API's shape).
@@ -48,6 +50,7 @@ HTTP_ERRORS: dict[ErrorKind, tuple[int, str]] = {
     ErrorKind.CONFLICT: (409, "ConflictError"),
     ErrorKind.FAILED_PRECONDITION: (400, "FailedPreconditionError"),
     ErrorKind.UNAVAILABLE: (503, "ServiceUnavailableError"),
+    ErrorKind.RESOURCE_EXHAUSTED: (429, "QuotaExceededError"),
 }
 #: Reasons whose HTTP status is more precise than their kind's.
 HTTP_STATUS_OF_REASON = {"ARCHIVE_TOO_LARGE": 413, "MODEL_DEPLOYING": 409}
@@ -121,37 +124,72 @@ async def _abort(context: grpc.aio.ServicerContext[Any, Any], error: BaseExcepti
 _PASS_THROUGH = (asyncio.CancelledError, grpc.aio.AbortError)
 
 
+class InFlightCalls:
+    """Counts the calls of our service under way, so that a graceful stop can wait for
+    them to end (and their answers to leave) before the server closes its connections."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    @contextlib.contextmanager
+    def track(self) -> Iterator[None]:
+        self.count += 1
+        self._idle.clear()
+        try:
+            yield
+        finally:
+            self.count -= 1
+            if self.count == 0:
+                self._idle.set()
+
+    async def wait_idle(self, timeout: float) -> bool:
+        """True once no call is under way; False if `timeout` passed first."""
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
+
+
 def _wrap_single_response(
-    behavior: Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]],
+    behavior: Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]], calls: InFlightCalls
 ) -> Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]]:
     async def guarded(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-        try:
-            return await behavior(request, context)
-        except _PASS_THROUGH:
-            raise
-        except Exception as error:
-            await _abort(context, error)
+        with calls.track():
+            try:
+                return await behavior(request, context)
+            except _PASS_THROUGH:
+                raise
+            except Exception as error:
+                await _abort(context, error)
 
     return guarded
 
 
 def _wrap_streaming_response(
-    behavior: Callable[[Any, grpc.aio.ServicerContext[Any, Any]], AsyncIterator[Any]],
+    behavior: Callable[[Any, grpc.aio.ServicerContext[Any, Any]], AsyncIterator[Any]], calls: InFlightCalls
 ) -> Callable[[Any, grpc.aio.ServicerContext[Any, Any]], AsyncIterator[Any]]:
     async def guarded(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
-        try:
-            async for response in behavior(request, context):
-                yield response
-        except _PASS_THROUGH:
-            raise
-        except Exception as error:
-            await _abort(context, error)
+        with calls.track():
+            try:
+                async for response in behavior(request, context):
+                    yield response
+            except _PASS_THROUGH:
+                raise
+            except Exception as error:
+                await _abort(context, error)
 
     return guarded
 
 
 class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
-    """Wraps every handler so that no servicer needs a try/except."""
+    """Wraps every handler of our service: no servicer needs a try/except, and the calls
+    under way are counted (`calls`) for a graceful stop."""
+
+    def __init__(self) -> None:
+        self.calls = InFlightCalls()
 
     async def intercept_service(
         self,
@@ -170,11 +208,11 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
         # stubs type handlers as the sync API's, hence the Any.
         behaviors: Any = handler
         if behaviors.unary_unary:
-            return grpc.unary_unary_rpc_method_handler(_wrap_single_response(behaviors.unary_unary), **serializers)
+            return grpc.unary_unary_rpc_method_handler(_wrap_single_response(behaviors.unary_unary, self.calls), **serializers)
         if behaviors.stream_unary:
-            return grpc.stream_unary_rpc_method_handler(_wrap_single_response(behaviors.stream_unary), **serializers)
+            return grpc.stream_unary_rpc_method_handler(_wrap_single_response(behaviors.stream_unary, self.calls), **serializers)
         if behaviors.unary_stream:
-            return grpc.unary_stream_rpc_method_handler(_wrap_streaming_response(behaviors.unary_stream), **serializers)
+            return grpc.unary_stream_rpc_method_handler(_wrap_streaming_response(behaviors.unary_stream, self.calls), **serializers)
         if behaviors.stream_stream:
-            return grpc.stream_stream_rpc_method_handler(_wrap_streaming_response(behaviors.stream_stream), **serializers)
+            return grpc.stream_stream_rpc_method_handler(_wrap_streaming_response(behaviors.stream_stream, self.calls), **serializers)
         return handler

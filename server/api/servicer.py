@@ -63,7 +63,9 @@ class ModelServiceServicer(pb_grpc.ModelServiceServicer):
     async def DeployModel(self, request: pb.DeployModelRequest, context: Context) -> pb.DeployModelResponse:
         token = _api_key(context)
         wait = request.wait if request.HasField("wait") else True
-        outcome = await self._deployments.deploy(token, request.namespace_id, request.model_id, wait)
+        outcome = await self._deployments.deploy(
+            token, request.namespace_id, request.model_id, wait, converters.deploy_options(request)
+        )
         await context.send_initial_metadata(converters.deploy_rest_metadata(outcome))
         return converters.deploy_response(outcome)
 
@@ -81,6 +83,11 @@ class ModelServiceServicer(pb_grpc.ModelServiceServicer):
         token = _api_key(context)
         task = await self._deployments.get_task(token, request.namespace_id, request.task_id)
         return converters.deploy_task(task)
+
+    async def GetCacheStatus(self, request: pb.GetCacheStatusRequest, context: Context) -> pb.CacheStatus:
+        token = _api_key(context)
+        nodes = await self._deployments.cache_status(token, request.namespace_id)
+        return converters.cache_status(nodes)
 
     async def GetModelDeployStatus(self, request: pb.GetModelDeployStatusRequest, context: Context) -> pb.DeployTask:
         token = _api_key(context)

@@ -69,6 +69,8 @@ class FormatEvidence:
         self.onnx_files: list[str] = []
         self.torch_files: list[str] = []
         self.config_directories: set[str] = set()
+        self.object_store_bytes = 0
+        """What the deployed weights will take in Ray's object store (see `_object_store_share`)."""
         self._current: _Member | None = None
 
     def start_member(self, member: TarMember) -> None:
@@ -120,6 +122,7 @@ class FormatEvidence:
         name = posixpath.basename(current.path)
         directory = posixpath.dirname(current.path)
         head = bytes(current.head)
+        self.object_store_bytes += _object_store_share(self.declared, name, current.size, head)
         if name.endswith(SAFETENSORS_SUFFIX):
             validate_safetensors_header(current.path, head, current.size)
             self.safetensors_files.append(current.path)
@@ -145,6 +148,28 @@ class FormatEvidence:
                     f"{current.path} is neither a torch.save zip nor a pickle",
                     check="pytorch", member=current.path,
                 )
+
+
+def _object_store_share(declared: ModelFormat, name: str, size: int, head: bytes) -> int:
+    """Bytes a member adds to the deployed model in the object store: exact for
+    safetensors (its tensor data), an upper bound otherwise.
+
+    ONNX models and TorchScript modules are kept twice (their tensors as arrays, and the
+    model's own bytes for plugins' sessions), and an ONNX model's external data files are
+    folded into its bytes; a Hugging Face directory keeps its small companion files.
+    """
+    if name.endswith(SAFETENSORS_SUFFIX):
+        header_length = int.from_bytes(head[:8], "little") if len(head) >= 8 else 0
+        return max(0, size - 8 - header_length)
+    if declared is ModelFormat.SAFETENSORS:
+        return 0  # only .safetensors files are decoded
+    if declared is ModelFormat.ONNX:
+        return 2 * size
+    if declared is ModelFormat.PYTORCH:
+        return 2 * size if name.endswith(TORCH_SUFFIXES) else 0
+    if name.endswith(ONNX_SUFFIX):
+        return 0  # not decoded in a Hugging Face directory
+    return size  # Hugging Face: state_dict weights, and companion files kept as bytes
 
 
 def check_format(evidence: FormatEvidence) -> None:

@@ -42,6 +42,9 @@ class ArchiveReport:
     unpacked_bytes: int
     file_count: int = 0
     weight_files: list[str] = field(default_factory=list)
+    weights_bytes: int = 0
+    """What the deployed model will take in the object store (exact for safetensors,
+    an upper bound for the other formats)."""
 
 
 class ArchiveInspector:
@@ -94,6 +97,7 @@ class ArchiveInspector:
             unpacked_bytes=self._unpacked_bytes,
             file_count=self._evidence.file_count,
             weight_files=self._evidence.weight_paths,
+            weights_bytes=self._evidence.object_store_bytes,
         )
 
     def _start(self, head: bytes) -> None:

@@ -59,7 +59,9 @@ class ArchiveStore(Protocol):
 
     async def abort_pending(self, key: str, upload_id: str) -> None: ...
 
-    async def list_pending(self) -> list[PendingUpload]: ...
+    async def list_pending(self, key: str = "") -> list[PendingUpload]:
+        """Incomplete uploads; only those of `key` when it is given."""
+        ...
 
     async def probe(self) -> None:
         """Raises unless the store answers (for the dependency monitor)."""
@@ -142,14 +144,14 @@ class S3ArchiveStore:
                 self._client.abort_multipart_upload(Bucket=self._bucket, Key=self.object_key(key), UploadId=upload_id)
             )
 
-    async def list_pending(self) -> list[PendingUpload]:
+    async def list_pending(self, key: str = "") -> list[PendingUpload]:
         pending: list[PendingUpload] = []
         paginator = self._client.get_paginator("list_multipart_uploads")
-        async for page in paginator.paginate(Bucket=self._bucket, Prefix=self._prefix):
+        async for page in paginator.paginate(Bucket=self._bucket, Prefix=self._prefix + key):
             for upload in page.get("Uploads", []):
-                pending.append(
-                    PendingUpload(key=upload["Key"].removeprefix(self._prefix), upload_id=upload["UploadId"])
-                )
+                found = upload["Key"].removeprefix(self._prefix)
+                if not key or found == key:
+                    pending.append(PendingUpload(key=found, upload_id=upload["UploadId"]))
         return pending
 
 
@@ -306,13 +308,14 @@ class LocalArchiveStore:
         path.unlink(missing_ok=True)
         prune_empty_parents(path, self._root)
 
-    async def list_pending(self) -> list[PendingUpload]:
+    async def list_pending(self, key: str = "") -> list[PendingUpload]:
         def scan() -> list[PendingUpload]:
             found = []
             for partial in self._root.rglob(f"*{self._PARTIAL}*"):
                 name, _, upload_id = partial.name.partition(self._PARTIAL)
-                key = str(partial.with_name(name).relative_to(self._root))
-                found.append(PendingUpload(key=key, upload_id=upload_id))
+                partial_key = str(partial.with_name(name).relative_to(self._root))
+                if not key or partial_key == key:
+                    found.append(PendingUpload(key=partial_key, upload_id=upload_id))
             return found
 
         if not self._root.exists():

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from server.core.models import StoredModel
+from server.core.models import NamespaceUsage, StoredModel
 from server.core.tenancy import TenancyService
 from server.errors import InvalidArgument, ModelNotFound
 from server.persistence.mongo import ModelRepository
@@ -39,6 +39,10 @@ class ModelCatalog:
         if model is None:
             raise model_not_found(namespace_id, model_id)
         return model
+
+    async def usage(self, namespace_id: str) -> NamespaceUsage:
+        """What the namespace holds, as its quotas count it (the caller has authorized)."""
+        return await self._models.namespace_usage(namespace_id)
 
     async def page(self, bearer_token: str | None, namespace_id: str, page_size: int, page_token: str) -> ModelPage:
         """A page of the namespace's models in id order; the token is the last id served."""

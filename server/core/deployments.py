@@ -8,16 +8,19 @@ answers for a deployment started by any other.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import math
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Protocol
 
+from server.core import quotas
 from server.core.catalog import ModelCatalog
 from server.core.models import DeploymentStatus, utc_now
 from server.core.tenancy import TenancyService
-from server.deploy.specs import LOADING, UNDEPLOYED, DeployTicket
-from server.errors import DeployTaskNotFound, ModelDeploying
+from server.deploy.specs import LOADING, UNDEPLOYED, DeployOptions, DeployTicket, NodeUsage
+from server.errors import DeployTaskNotFound, InvalidArgument, ModelDeploying
 from server.persistence.deployments import COMPLETED, DeploymentEvent, DeploymentRepository, DeployTask
 
 HEARTBEAT = "heartbeat"
@@ -26,9 +29,11 @@ HEARTBEAT = "heartbeat"
 class ModelCluster(Protocol):
     """What the service needs from the compute cluster."""
 
-    async def deploy(self, model_id: str, is_async: bool) -> DeployTicket: ...
+    async def deploy(self, model_id: str, is_async: bool, options: DeployOptions) -> DeployTicket: ...
 
     async def undeploy(self, model_id: str) -> str: ...
+
+    async def cache_status(self) -> list[NodeUsage]: ...
 
 
 @dataclass(frozen=True)
@@ -74,9 +79,19 @@ class DeploymentService:
         self._cluster = cluster
         self._timing = timing
 
-    async def deploy(self, bearer_token: str | None, namespace_id: str, model_id: str, wait: bool) -> DeployOutcome:
+    async def deploy(
+        self, bearer_token: str | None, namespace_id: str, model_id: str, wait: bool, options: DeployOptions
+    ) -> DeployOutcome:
+        namespace = await self._tenancy.authorize(bearer_token, namespace_id)
         model = await self._catalog.get(bearer_token, namespace_id, model_id)
-        ticket = await self._cluster.deploy(model.model_id, is_async=not wait)
+        if model.deployment_status not in (DeploymentStatus.DEPLOYED, DeploymentStatus.PENDING):
+            usage = await self._catalog.usage(namespace_id)
+            quotas.check_deploy(namespace, usage, model.weights_bytes)
+        if options.idle_ttl_seconds is not None and not (
+            math.isfinite(options.idle_ttl_seconds) and options.idle_ttl_seconds >= 0
+        ):
+            raise InvalidArgument("idle_ttl_seconds must be a number of seconds, 0 or more", field="idle_ttl_seconds")
+        ticket = await self._cluster.deploy(model.model_id, is_async=not wait, options=options)
         if ticket.cached:
             return DeployOutcome(
                 model_id, namespace_id, DeploymentStatus.DEPLOYED, True,
@@ -167,6 +182,14 @@ class DeploymentService:
                 yield _heartbeat(task, cursor)
                 quiet_since = time.monotonic()
             await asyncio.sleep(self._timing.poll_seconds)
+
+    async def cache_status(self, bearer_token: str | None, namespace_id: str) -> list[NodeUsage]:
+        """Every node's totals, and the namespace's own models only."""
+        await self._tenancy.authorize(bearer_token, namespace_id)
+        return [
+            dataclasses.replace(node, models=[m for m in node.models if m.namespace_id == namespace_id])
+            for node in await self._cluster.cache_status()
+        ]
 
     async def _wait_until_finished(self, task_id: str) -> DeployTask:
         while True:

@@ -32,22 +32,20 @@ class Janitor:
         """Returns how many stale reservations and orphan uploads were cleared.
 
         Decided from our own records only, never from the store's clock (S3-compatible
-        stores disagree on "Initiated"): a reservation whose lease ran out is released, and
-        an incomplete upload that no model document claims is aborted. That is safe for
-        live uploads because the reservation is written before the upload is opened, and
-        live uploads renew their lease on a timer of their own.
+        stores disagree on "Initiated"): a reservation whose lease ran out has every
+        incomplete upload of its archive key aborted (also one opened by a replica that died
+        before recording its id: the reservation is written before the upload is opened),
+        then is released. Live uploads renew their lease on a timer of their own. Uploads
+        under keys we hold no record of are never touched: another deployment sharing the
+        bucket may own them.
         """
         now = utc_now()
         cleared = 0
         for reservation in await self._models.expired_reservations(now):
-            if reservation.get("upload_id"):
-                await self._store.abort_pending(reservation["archive_key"], reservation["upload_id"])
+            for pending in await self._store.list_pending(reservation["archive_key"]):
+                await self._store.abort_pending(pending.key, pending.upload_id)
             await self._models.release(reservation["_id"])
             cleared += 1
-        for pending in await self._store.list_pending():
-            if not await self._models.claims_archive(pending.key):
-                await self._store.abort_pending(pending.key, pending.upload_id)
-                cleared += 1
         cleared += await self._deletions.finish_stale(self._lease)
         if cleared:
             logger.info("janitor cleared %d stale uploads and deletions", cleared)

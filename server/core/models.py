@@ -86,6 +86,9 @@ class StoredModel:
     deployment_status: DeploymentStatus = DeploymentStatus.NOT_DEPLOYED
     deployment_error: str = ""
     """For a failed deployment: "<stage>: <reason>: <message>"."""
+    weights_bytes: int = 0
+    """Object-store bytes of the deployed weights, from upload inspection (0: unknown,
+    for models uploaded before it was recorded)."""
 
     @property
     def endpoint(self) -> str:
@@ -110,10 +113,32 @@ class Tier(enum.StrEnum):
 
 
 @dataclasses.dataclass(frozen=True)
+class Quotas:
+    """A namespace's limits; 0 means unlimited."""
+
+    max_archive_bytes: int = 0
+    """Archive bytes stored in all (every model's archive)."""
+    max_models: int = 0
+    """Models (uploads under way included)."""
+    max_deployed_bytes: int = 0
+    """Object-store bytes of the namespace's deployed models (their weights_bytes)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class NamespaceUsage:
+    """What a namespace holds now, as its quotas count it."""
+
+    models: int
+    archive_bytes: int
+    deployed_bytes: int
+
+
+@dataclasses.dataclass(frozen=True)
 class Namespace:
     namespace_id: str
     tier: Tier
     created_at: datetime.datetime
+    quotas: Quotas = Quotas()
 
 
 @dataclasses.dataclass(frozen=True)

@@ -22,7 +22,8 @@ from dataclasses import dataclass
 
 from server.archives.inspector import ArchiveInspector, InspectionLimits
 from server.archives.stores import ArchiveStore, ArchiveWriter
-from server.core.models import ModelMetadata, StoredModel, utc_now
+from server.core import quotas
+from server.core.models import ModelMetadata, Namespace, NamespaceUsage, StoredModel, utc_now
 from server.core.tenancy import TenancyService
 from server.core.validation import UploadDeclaration, validate_declaration
 from server.errors import ArchiveTooLarge, ChecksumMismatch, InvalidArchive, InvalidArgument
@@ -52,6 +53,25 @@ class UploadStats:
 RECENT_UPLOADS_KEPT = 100
 
 
+@dataclass(frozen=True)
+class _SizeLimit:
+    """The most bytes an upload may have: the service's archive limit, and the storage
+    left in the namespace's quota, whichever is lower."""
+
+    max_archive_bytes: int
+    storage_left: int | None
+    namespace: Namespace
+    usage: NamespaceUsage
+
+    def check(self, size: int) -> None:
+        if self.storage_left is not None and size > self.storage_left:
+            raise quotas.archive_over_quota(self.namespace, self.usage, size)
+        if size > self.max_archive_bytes:
+            raise ArchiveTooLarge(
+                f"the archive is larger than the limit of {self.max_archive_bytes} bytes", limit=self.max_archive_bytes
+            )
+
+
 class UploadService:
     def __init__(
         self,
@@ -74,11 +94,14 @@ class UploadService:
     ) -> StoredModel:
         """Authorizes the caller for `namespace_id` BEFORE reading anything else of the
         request (form fields included), then validates, reserves and streams."""
-        await self._tenancy.authorize(bearer_token, namespace_id)
+        namespace = await self._tenancy.authorize(bearer_token, namespace_id)
         declared, chunks = await read_declaration()
         if declared.namespace_id != namespace_id:
             raise InvalidArgument("namespace_id may only be set in the first message", field="namespace_id")
         metadata = validate_declaration(declared)
+        usage = await self._models.namespace_usage(namespace_id)
+        quotas.check_new_model(namespace, usage)  # before any archive byte flows
+        storage_left = quotas.archive_bytes_left(namespace.quotas, usage)
         started = time.monotonic()
         model_id = uuid.uuid4().hex
         archive_key = f"{metadata.namespace_id}/{model_id}/archive"
@@ -88,7 +111,9 @@ class UploadService:
         try:
             writer = await self._store.open_writer(archive_key)
             await self._models.record_upload_id(model_id, writer.upload_id)
-            sha256, size = await self._consume(model_id, metadata, chunks, writer)
+            sha256, size, weights_bytes = await self._consume(
+                model_id, metadata, chunks, writer, _SizeLimit(self._limits.max_archive_bytes, storage_left, namespace, usage)
+            )
             await writer.complete()
             stored = True
             model = await self._models.finalize(
@@ -96,6 +121,7 @@ class UploadService:
                 sha256=sha256,
                 size_bytes=size,
                 archive_url=self._store.url_for(archive_key),
+                weights_bytes=weights_bytes,
                 now=utc_now(),
             )
         except BaseException:
@@ -117,10 +143,11 @@ class UploadService:
         metadata: ModelMetadata,
         chunks: AsyncIterator[bytes],
         writer: ArchiveWriter,
-    ) -> tuple[str, int]:
+        size_limit: _SizeLimit,
+    ) -> tuple[str, int, int]:
         renewer = asyncio.create_task(self._renew_lease_until_cancelled(model_id))
         try:
-            return await self._hash_inspect_store(metadata, chunks, writer)
+            return await self._hash_inspect_store(metadata, chunks, writer, size_limit)
         finally:
             renewer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -137,8 +164,8 @@ class UploadService:
                 logger.warning("could not renew the lease of upload %s", model_id, exc_info=True)
 
     async def _hash_inspect_store(
-        self, metadata: ModelMetadata, chunks: AsyncIterator[bytes], writer: ArchiveWriter
-    ) -> tuple[str, int]:
+        self, metadata: ModelMetadata, chunks: AsyncIterator[bytes], writer: ArchiveWriter, size_limit: _SizeLimit
+    ) -> tuple[str, int, int]:
         digest = hashlib.sha256()
         inspector = ArchiveInspector(metadata.model_format, self._limits.inspection)
         size = 0
@@ -146,11 +173,7 @@ class UploadService:
             if not chunk:
                 continue
             size += len(chunk)
-            if size > self._limits.max_archive_bytes:
-                raise ArchiveTooLarge(
-                    f"the archive is larger than the limit of {self._limits.max_archive_bytes} bytes",
-                    limit=self._limits.max_archive_bytes,
-                )
+            size_limit.check(size)
             outcomes = await asyncio.gather(
                 asyncio.to_thread(digest.update, chunk),
                 asyncio.to_thread(inspector.feed, chunk),
@@ -162,7 +185,7 @@ class UploadService:
                     raise outcome
         if size == 0:
             raise InvalidArchive("the upload holds no archive bytes", check="empty")
-        await asyncio.to_thread(inspector.finish)
+        report = await asyncio.to_thread(inspector.finish)
         sha256 = digest.hexdigest()
         if metadata.expected_sha256 and metadata.expected_sha256 != sha256:
             raise ChecksumMismatch(
@@ -170,7 +193,7 @@ class UploadService:
                 "or the expected digest is wrong",
                 expected_sha256=metadata.expected_sha256, actual_sha256=sha256, size_bytes=size,
             )
-        return sha256, size
+        return sha256, size, report.weights_bytes
 
     async def _discard(
         self, model_id: str, archive_key: str, writer: ArchiveWriter | None, stored: bool
@@ -181,11 +204,20 @@ class UploadService:
             elif writer is not None:
                 await writer.abort()
         except Exception:
-            logger.exception("could not abort the archive upload of %s; the janitor retries", model_id)
-        try:
-            await self._models.release(model_id)
-        except Exception:
-            logger.exception("could not release reservation %s; the janitor retries", model_id)
+            # The reservation stays, its lease ended: it is the janitor's record of what to
+            # abort once the store answers again.
+            logger.warning("could not abort the archive upload of %s; the janitor retries", model_id, exc_info=True)
+            await _logged(self._models.renew_lease(model_id, utc_now()), f"could not expire reservation {model_id}")
+            return
+        await _logged(self._models.release(model_id), f"could not release reservation {model_id}; the janitor retries")
 
     def _lease_end(self) -> datetime.datetime:
         return utc_now() + datetime.timedelta(seconds=self._limits.lease_seconds)
+
+
+async def _logged(call: Awaitable[None], failure: str) -> None:
+    """Runs a clean-up step; its failure is logged (the janitor finishes the job)."""
+    try:
+        await call
+    except Exception:
+        logger.exception(failure)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,12 +23,30 @@ from pymongo import AsyncMongoClient
 
 from modelservice_sdk.model import ModelNotAvailable
 from server.core.models import BASE_IMAGES, DeploymentInfo, DeploymentStatus, StoredModel, utc_now
+from server.deploy.cache_policy import CachePolicy, Refusal, Resident
 from server.deploy.load_task import remote_load
-from server.deploy.specs import LOADING, NOT_CACHED, UNDEPLOYED, CacheConfig, DeployTicket, LoadSpec, LoadSummary
+from server.deploy.specs import (
+    LOADING,
+    NOT_CACHED,
+    UNDEPLOYED,
+    CacheConfig,
+    DeployOptions,
+    DeployTicket,
+    CacheCounters,
+    CacheSnapshot,
+    LoadSpec,
+    LoadSummary,
+    NodeUsage,
+    ResidentModel,
+    StageTimes,
+)
 from server.persistence.deployments import DeploymentEvent, DeploymentRepository, DeployTask
 from server.persistence.mongo import ModelRepository, connect, database
 
 logger = logging.getLogger(__name__)
+
+CAPACITY_REFRESH_SECONDS = 5.0
+IDLE_SWEEP_SECONDS = 1.0
 
 CACHE_NAMESPACE = "modelservice"
 """Ray namespace of the cache actor (detached actors are found by namespace and name)."""
@@ -51,6 +70,10 @@ class _Load:
     stage: str = "queued"
     worker_node: str = ""
     error: str = ""
+    options: DeployOptions = field(default_factory=DeployOptions)
+    stage_started: float = field(default_factory=time.time)
+    node_id: str = ""
+    """The node chosen for the load (where its object-store budget was reserved)."""
     done: asyncio.Event = field(default_factory=asyncio.Event)
     runner: asyncio.Task[None] | None = None  # held so the event loop cannot drop the task
 
@@ -67,6 +90,10 @@ class ModelCache:
 
     def __init__(self, config: CacheConfig) -> None:
         self._config = config
+        self._policy = CachePolicy(config.object_store_budget_fraction)
+        self._counters = CacheCounters()
+        self._capacities: tuple[float, dict[str, int]] = (0.0, {})
+        self._idle_sweeper: asyncio.Task[None] | None = None
         self._entries: dict[str, _Entry] = {}
         self._loading: dict[str, _Load] = {}
         self._progress: dict[str, asyncio.Queue[dict[str, Any]]] = {}
@@ -95,16 +122,24 @@ class ModelCache:
             await old_client.close()
         return True
 
-    async def deploy(self, model_id: str, is_async: bool) -> DeployTicket:
-        """Starts the model's load, joins the one under way, or says it is cached."""
+    async def deploy(self, model_id: str, is_async: bool, options: DeployOptions | None = None) -> DeployTicket:
+        """Starts the model's load, joins the one under way, or says it is cached.
+
+        A deploy counts as a use (LRU); its options pin, unpin or set the idle time-out of
+        a model already cached.
+        """
+        options = options or DeployOptions()
+        self._start_idle_sweeper()
         entry = self._entries.get(model_id)
         if entry is not None:
+            self._policy.set_options(model_id, pinned=options.pin, idle_ttl_seconds=options.idle_ttl_seconds)
+            self._policy.touch(model_id, time.time())
             return DeployTicket(task_id=entry.task_id, cached=True)
         running = self._loading.get(model_id)
         if running is not None:
             return DeployTicket(task_id=running.task_id, cached=False)
         # Registered before the first await, so that concurrent calls join this load.
-        load = _Load(task_id=uuid.uuid4().hex, model_id=model_id)
+        load = _Load(task_id=uuid.uuid4().hex, model_id=model_id, options=options)
         self._loading[model_id] = load
         try:
             models, deployments = await self._repositories()
@@ -128,6 +163,9 @@ class ModelCache:
         entry = self._entries.get(model_id)
         if entry is None or (namespace_id is not None and entry.namespace_id != namespace_id):
             return None
+        # Every plugin load comes through here: the LRU clock costs no extra round trip.
+        self._policy.touch(model_id, time.time())
+        self._counters.add(self._counters.lookups, "hit")
         return [entry.ref]
 
     async def ensure(self, model_id: str, namespace_id: str | None = None) -> list[Any]:
@@ -137,6 +175,8 @@ class ModelCache:
             if await models.get(namespace_id, model_id) is None:
                 raise ModelNotAvailable(f"model {model_id!r} not found in namespace {namespace_id!r}")
         ticket = await self.deploy(model_id, is_async=True)
+        self._policy.touch(model_id, time.time())
+        self._counters.add(self._counters.lookups, "hit" if ticket.cached else "miss")
         load = self._loading.get(model_id)
         if not ticket.cached and load is not None:
             await load.done.wait()
@@ -160,6 +200,7 @@ class ModelCache:
         if model_id in self._loading:
             return LOADING
         entry = self._entries.pop(model_id, None)
+        self._policy.remove(model_id)
         models, _ = await self._repositories()
         await models.set_deployment(model_id, status=DeploymentStatus.NOT_DEPLOYED, info=None, now=utc_now())
         return NOT_CACHED if entry is None else UNDEPLOYED
@@ -221,6 +262,33 @@ class ModelCache:
             )
         return 1
 
+    async def cache_status(self) -> list[NodeUsage]:
+        """The cache node by node: capacity, budget, use, and every resident model."""
+        capacities = await self._object_store_capacities()
+        namespaces = {model_id: entry.namespace_id for model_id, entry in self._entries.items()}
+        namespaces.update({model_id: load.namespace_id for model_id, load in self._loading.items()})
+        residents = self._policy.residents()
+        return [
+            NodeUsage(
+                node_id=node_id,
+                capacity_bytes=capacity,
+                budget_bytes=self._policy.budget(capacity),
+                used_bytes=sum(r.nbytes for r in residents if r.node_id == node_id),
+                pinned_bytes=sum(r.nbytes for r in residents if r.node_id == node_id and (r.pinned or r.loading)),
+                models=[
+                    ResidentModel(
+                        model_id=r.model_id, namespace_id=namespaces.get(r.model_id, ""), nbytes=r.nbytes,
+                        pinned=r.pinned, loading=r.loading, last_used=r.last_used, idle_ttl_seconds=r.idle_ttl_seconds,
+                    )
+                    for r in residents if r.node_id == node_id
+                ],
+            )
+            for node_id, capacity in capacities.items()
+        ]
+
+    async def metrics_snapshot(self) -> CacheSnapshot:
+        return CacheSnapshot(counters=self._counters, nodes=await self.cache_status())
+
     async def ping(self) -> bool:
         """Liveness, for the service's dependency monitor."""
         return True
@@ -254,6 +322,11 @@ class ModelCache:
         )
         await deployments.append(event, worker_node=load.worker_node)
         load.sequence = event.sequence
+        if state != load.stage:
+            now = time.time()
+            stage = _stage_name(load.stage)
+            self._counters.stage_seconds.setdefault(stage, StageTimes()).observe(now - load.stage_started)
+            load.stage_started = now
         load.stage = state
 
     async def _run(self, load: _Load, model: StoredModel) -> None:
@@ -263,6 +336,8 @@ class ModelCache:
             shortfall = await asyncio.to_thread(_resource_shortfall, model)
             if shortfall:
                 await self._fail(load, "schedule", "INSUFFICIENT_RESOURCES", shortfall)
+                return
+            if not await self._admit(load, model):
                 return
             summary, weights_ref = await self._execute(load, model, queue)
             if summary.ok:
@@ -275,6 +350,8 @@ class ModelCache:
         finally:
             self._progress.pop(load.task_id, None)
             self._loading.pop(load.model_id, None)
+            if load.model_id not in self._entries:
+                self._policy.remove(load.model_id)  # the reservation of a load that failed
             load.done.set()
 
     async def _execute(
@@ -290,9 +367,14 @@ class ModelCache:
             max_members=config.max_members, scratch_dir=config.scratch_dir,
         )
         resources = model.metadata.resources
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
         task: Any = ray.remote(remote_load).options(
             num_returns=2, max_retries=0,
             num_cpus=resources.num_cpus, num_gpus=resources.num_gpus, memory=resources.memory_bytes,
+            # Soft: a node short of the model's CPUs or GPUs must not leave the load waiting
+            # forever; the accounting follows the node the load really ran on.
+            scheduling_strategy=NodeAffinitySchedulingStrategy(load.node_id, soft=True) if load.node_id else "DEFAULT",
         )
         weights_ref, summary_ref = task.remote(spec, ray.get_runtime_context().current_actor)
         self._loads_started += 1
@@ -314,6 +396,8 @@ class ModelCache:
     async def _cache(self, load: _Load, model: StoredModel, weights_ref: Any, summary: LoadSummary) -> None:
         models, _ = await self._repositories()
         self._entries[load.model_id] = _Entry(ref=weights_ref, namespace_id=load.namespace_id, task_id=load.task_id)
+        self._policy.loaded(load.model_id, summary.node_id or load.node_id, summary.nbytes)
+        self._counters.add(self._counters.loads, "deployed")
         now = utc_now()
         await models.set_deployment(
             load.model_id,
@@ -332,7 +416,78 @@ class ModelCache:
             message=f"{summary.nbytes} bytes in the object store after {summary.seconds:.2f}s",
         )
 
+    async def _admit(self, load: _Load, model: StoredModel) -> bool:
+        """Finds room in a node's object-store budget, evicting least recently used models
+        if needed; fails the load at the schedule stage if no node can ever hold it."""
+        needs = model.weights_bytes or 2 * model.size_bytes  # older uploads: a safe bound
+        decision = self._policy.place(needs, await self._object_store_capacities())
+        if isinstance(decision, Refusal):
+            self._counters.admission_refusals += 1
+            await self._fail(load, "schedule", "INSUFFICIENT_OBJECT_STORE_MEMORY", decision.message)
+            return False
+        # Applied before the next await, so that concurrent loads plan with this one's room.
+        for victim in decision.evict:
+            self._policy.remove(victim.model_id)
+        self._policy.reserve(
+            load.model_id, decision.node_id, needs, pinned=bool(load.options.pin),
+            idle_ttl_seconds=load.options.idle_ttl_seconds or 0.0, now=time.time(),
+        )
+        load.node_id = decision.node_id
+        for victim in decision.evict:
+            await self._unload(
+                victim, "evicted",
+                f"evicted to make room for model {load.model_id}: least recently used, {victim.nbytes} bytes freed; "
+                "it loads again on demand",
+            )
+        return True
+
+    async def _unload(self, resident: Resident, state: str, message: str) -> None:
+        """Drops a cached model (Ray frees its memory once no plugin still reads it) and
+        says so on the model and on its deployment's event stream."""
+        entry = self._entries.pop(resident.model_id, None)
+        self._policy.remove(resident.model_id)
+        if entry is None:
+            return
+        logger.info("model %s %s: %s", resident.model_id, state, message)
+        self._counters.add(self._counters.evictions, "lru" if state == "evicted" else "idle_ttl")
+        models, deployments = await self._repositories()
+        await models.set_deployment(
+            resident.model_id, status=DeploymentStatus.NOT_DEPLOYED, info=None, now=utc_now(), error=f"{state}: {message}"
+        )
+        last = await deployments.last_event(entry.task_id)
+        await deployments.append(
+            DeploymentEvent(
+                task_id=entry.task_id, model_id=resident.model_id, namespace_id=entry.namespace_id,
+                sequence=(last.sequence if last is not None else 0) + 1, state=state, time=utc_now(), message=message,
+            )
+        )
+
+    async def _object_store_capacities(self) -> dict[str, int]:
+        """Object-store capacity of each alive node, as Ray reports it (cached a few seconds)."""
+        fetched_at, capacities = self._capacities
+        if time.time() - fetched_at > CAPACITY_REFRESH_SECONDS or not capacities:
+            capacities = await asyncio.to_thread(_object_store_capacities)
+            self._capacities = (time.time(), capacities)
+        return capacities
+
+    def _start_idle_sweeper(self) -> None:
+        if self._idle_sweeper is None or self._idle_sweeper.done():
+            self._idle_sweeper = asyncio.create_task(self._sweep_idle_models())
+
+    async def _sweep_idle_models(self) -> None:
+        while True:
+            await asyncio.sleep(IDLE_SWEEP_SECONDS)
+            for resident in self._policy.idle(time.time()):
+                try:
+                    await self._unload(
+                        resident, "undeployed",
+                        f"unused for {resident.idle_ttl_seconds:g} s (idle_ttl_seconds); it loads again on demand",
+                    )
+                except Exception:
+                    logger.exception("could not undeploy idle model %s; retrying", resident.model_id)
+
     async def _fail(self, load: _Load, stage: str, reason: str, message: str) -> None:
+        self._counters.add(self._counters.loads, "failed")
         load.error = f"{stage}: {reason}: {message}"
         models, _ = await self._repositories()
         if load.model_id not in self._entries:
@@ -347,6 +502,16 @@ _STAGE_OF_STATE = {"queued": "schedule", "downloading": "download", "verifying":
 
 def _stage_name(state: str) -> str:
     return _STAGE_OF_STATE.get(state, state)
+
+
+def _object_store_capacities() -> dict[str, int]:
+    import ray
+
+    return {
+        node["NodeID"]: int(node["Resources"].get("object_store_memory", 0))
+        for node in ray.nodes()  # type: ignore[no-untyped-call]
+        if node.get("Alive") and node.get("Resources", {}).get("object_store_memory")
+    }
 
 
 def _crash_message(error: Exception) -> str:

@@ -18,7 +18,7 @@ from typing import Any
 
 from server.deploy.cache_actor import CACHE_NAMESPACE, ModelCache, cache_actor_name
 from modelservice_sdk.model import ModelNotAvailable
-from server.deploy.specs import CacheConfig, DeployTicket
+from server.deploy.specs import CacheConfig, CacheSnapshot, DeployOptions, DeployTicket, NodeUsage
 from server.dependencies import RayUnavailable, bounded
 from server.errors import ModelNotFound
 from server.settings import keep_ray_driver_through_head_outages
@@ -56,9 +56,9 @@ class RayModelCluster:
         counts: dict[str, int] = await self._call(lambda actor: actor.reconcile.remote())
         return counts
 
-    async def deploy(self, model_id: str, is_async: bool) -> DeployTicket:
+    async def deploy(self, model_id: str, is_async: bool, options: DeployOptions) -> DeployTicket:
         try:
-            ticket: DeployTicket = await self._call(lambda actor: actor.deploy.remote(model_id, is_async))
+            ticket: DeployTicket = await self._call(lambda actor: actor.deploy.remote(model_id, is_async, options))
         except ModelNotAvailable as gone:  # deleted between the caller's check and the cache's
             raise ModelNotFound(str(gone), id=model_id, resource="model") from None
         return ticket
@@ -66,6 +66,14 @@ class RayModelCluster:
     async def undeploy(self, model_id: str) -> str:
         outcome: str = await self._call(lambda actor: actor.undeploy.remote(model_id))
         return outcome
+
+    async def metrics_snapshot(self) -> CacheSnapshot:
+        snapshot: CacheSnapshot = await self._call(lambda actor: actor.metrics_snapshot.remote())
+        return snapshot
+
+    async def cache_status(self) -> list[NodeUsage]:
+        nodes: list[NodeUsage] = await self._call(lambda actor: actor.cache_status.remote())
+        return nodes
 
     async def ping(self) -> None:
         """Raises unless the cache actor answers (for the dependency monitor).

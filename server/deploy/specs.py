@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from server.settings import Settings
 
@@ -52,6 +52,8 @@ class CacheConfig:
     """Where load tasks extract archives (removed after each load)."""
     deploy_task_retention_seconds: float
     """How long finished deploy tasks and their events are kept."""
+    object_store_budget_fraction: float = 0.7
+    """Share of each node's object store that cached models may take."""
 
 
 @dataclass(frozen=True)
@@ -81,6 +83,85 @@ class LoadSummary:
     failed_stage: str = ""
     reason: str = ""
     message: str = ""
+
+
+@dataclass(frozen=True)
+class DeployOptions:
+    """What a deploy asks of the cache beyond the load (None: leave as is / the default)."""
+
+    pin: bool | None = None
+    idle_ttl_seconds: float | None = None
+
+
+@dataclass(frozen=True)
+class ResidentModel:
+    """A model in a node's object store, as the cache reports it."""
+
+    model_id: str
+    namespace_id: str
+    nbytes: int
+    pinned: bool
+    loading: bool
+    last_used: float
+    """Epoch seconds of its last deploy or plugin load."""
+    idle_ttl_seconds: float
+
+
+@dataclass(frozen=True)
+class NodeUsage:
+    """One Ray node's object store, as the model cache manages it."""
+
+    node_id: str
+    capacity_bytes: int
+    budget_bytes: int
+    used_bytes: int
+    pinned_bytes: int
+    models: list[ResidentModel]
+
+
+LOAD_SECONDS_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
+"""Histogram buckets (upper bounds, seconds) of the time a load spends in each stage."""
+
+
+@dataclass
+class StageTimes:
+    """A histogram of how long one load stage took: cumulative counts per bucket."""
+
+    bucket_counts: list[int] = field(default_factory=lambda: [0] * len(LOAD_SECONDS_BUCKETS))
+    count: int = 0
+    total_seconds: float = 0.0
+
+    def observe(self, seconds: float) -> None:
+        self.count += 1
+        self.total_seconds += seconds
+        for index, bound in enumerate(LOAD_SECONDS_BUCKETS):
+            if seconds <= bound:
+                self.bucket_counts[index] += 1
+
+
+@dataclass
+class CacheCounters:
+    """What the cache did since it started (counters only grow; a new cache starts at 0)."""
+
+    loads: dict[str, int] = field(default_factory=dict)
+    """Finished loads by outcome: "deployed", "failed"."""
+    evictions: dict[str, int] = field(default_factory=dict)
+    """Models let go by reason: "lru" (room for another), "idle_ttl"."""
+    admission_refusals: int = 0
+    lookups: dict[str, int] = field(default_factory=dict)
+    """Plugin loads by result: "hit" (cached), "miss" (loaded on demand)."""
+    stage_seconds: dict[str, StageTimes] = field(default_factory=dict)
+
+    def add(self, counter: dict[str, int], key: str) -> None:
+        counter[key] = counter.get(key, 0) + 1
+
+
+@dataclass(frozen=True)
+class CacheSnapshot:
+    """The cache's counters and its nodes, read by the service for /metrics."""
+
+    counters: CacheCounters
+    nodes: list[NodeUsage]
 
 
 @dataclass(frozen=True)

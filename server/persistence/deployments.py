@@ -38,8 +38,11 @@ TASK_STATE_OF_EVENT = {
     "caching": RUNNING,
     "deployed": COMPLETED,
     "failed": FAILED,
+    # After the deployment completed: the cache let the weights go (LRU, idle time-out).
+    "evicted": COMPLETED,
+    "undeployed": COMPLETED,
 }
-TERMINAL_EVENT_STATES = ("deployed", "failed")
+TERMINAL_EVENT_STATES = ("deployed", "failed", "evicted", "undeployed")
 
 
 @dataclass(frozen=True)

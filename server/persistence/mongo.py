@@ -22,6 +22,8 @@ from server.core.models import (
     ModelFormat,
     ModelMetadata,
     Namespace,
+    NamespaceUsage,
+    Quotas,
     ResourceRequirements,
     StoredModel,
     Tier,
@@ -78,7 +80,6 @@ class ModelRepository:
             name="unique_namespace_name_version",
         )
         await self._models.create_index([("state", ASCENDING), ("lease_expires_at", ASCENDING)])
-        await self._models.create_index([("archive_key", ASCENDING)])
 
     async def reserve(
         self,
@@ -143,6 +144,7 @@ class ModelRepository:
         sha256: str,
         size_bytes: int,
         archive_url: str,
+        weights_bytes: int,
         now: datetime.datetime,
     ) -> StoredModel:
         """Turns the reservation into a ready model document."""
@@ -153,6 +155,7 @@ class ModelRepository:
                     "state": READY,
                     "sha256": sha256,
                     "size_bytes": size_bytes,
+                    "weights_bytes": weights_bytes,
                     "archive_url": archive_url,
                     "created_at": now,
                     "updated_at": now,
@@ -211,9 +214,19 @@ class ModelRepository:
         cursor = self._models.find({"state": UPLOADING, "lease_expires_at": {"$lt": epoch_seconds(now)}})
         return [document async for document in cursor]
 
-    async def claims_archive(self, archive_key: str) -> bool:
-        """Whether any model document (a reservation, a model, a deletion) owns the key."""
-        return await self._models.find_one({"archive_key": archive_key}, {"_id": 1}) is not None
+    async def namespace_usage(self, namespace_id: str) -> NamespaceUsage:
+        """What the namespace holds, as its quotas count it (reservations count as models)."""
+        models = archive_bytes = deployed_bytes = 0
+        cursor = self._models.find(
+            {"namespace_id": namespace_id, "state": {"$in": [UPLOADING, READY]}},
+            {"state": 1, "size_bytes": 1, "weights_bytes": 1, "deployment_status": 1},
+        )
+        async for document in cursor:
+            models += 1
+            archive_bytes += int(document.get("size_bytes") or 0)
+            if document.get("deployment_status") in (DeploymentStatus.DEPLOYED.value, DeploymentStatus.PENDING.value):
+                deployed_bytes += int(document.get("weights_bytes") or 0)
+        return NamespaceUsage(models=models, archive_bytes=archive_bytes, deployed_bytes=deployed_bytes)
 
     async def set_deployment(
         self,
@@ -277,6 +290,7 @@ def model_from_document(document: Document) -> StoredModel:
         archive_key=document["archive_key"],
         sha256=document.get("sha256", ""),
         size_bytes=int(document.get("size_bytes", 0)),
+        weights_bytes=int(document.get("weights_bytes") or 0),
         deployed=bool(document.get("deployed")),
         deployment_status=DeploymentStatus(document.get("deployment_status") or DeploymentStatus.NOT_DEPLOYED.value),
         deployment_error=document.get("deployment_error") or "",
@@ -321,11 +335,28 @@ class TenancyRepository:
         document = await self._namespaces.find_one({"_id": namespace_id})
         if document is None:
             return None
+        quotas = document.get("quotas") or {}
         return Namespace(
             namespace_id=document["_id"],
             tier=Tier(document["tier"]),
             created_at=as_utc_datetime(document["created_at"]),
+            quotas=Quotas(
+                max_archive_bytes=int(quotas.get("max_archive_bytes") or 0),
+                max_models=int(quotas.get("max_models") or 0),
+                max_deployed_bytes=int(quotas.get("max_deployed_bytes") or 0),
+            ),
         )
+
+    async def set_quotas(self, namespace_id: str, quotas: Quotas) -> bool:
+        result = await self._namespaces.update_one(
+            {"_id": namespace_id},
+            {"$set": {"quotas": {
+                "max_archive_bytes": quotas.max_archive_bytes,
+                "max_models": quotas.max_models,
+                "max_deployed_bytes": quotas.max_deployed_bytes,
+            }}},
+        )
+        return result.matched_count == 1
 
     async def insert_key(
         self, key_id: str, key_hash: str, namespaces: list[str], label: str, now: datetime.datetime

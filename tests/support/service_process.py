@@ -52,6 +52,7 @@ def service_environment(settings: Settings, data_dir: Path, ray_address: str) ->
         MODELSERVICE_WATCH_POLL_SECONDS="0.05",
         MODELSERVICE_SHUTDOWN_GRACE_SECONDS="8",
         MODELSERVICE_REST_GATEWAY="false",  # gRPC is all these tests use
+        MODELSERVICE_METRICS_PORT="0",
     )
     return environment
 

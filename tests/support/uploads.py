@@ -5,7 +5,12 @@ from __future__ import annotations
 import uuid
 from pathlib import Path
 
-from modelservice_sdk.client import ModelServiceClient, UploadFields
+import asyncio
+from collections.abc import AsyncIterator
+
+from modelservice.v1 import model_service_pb2 as pb
+
+from modelservice_sdk.client import ModelServiceClient, ServiceError, UploadFields, upload_header
 from tests.support import model_files
 
 FORMATS = ("safetensors", "onnx", "pytorch", "torchscript", "huggingface")
@@ -50,3 +55,24 @@ async def upload_model(client: ModelServiceClient, namespace_id: str, tmp_path: 
     archive = build_model_archive(tmp_path, case)
     response = await client.upload_file(archive, upload_fields(namespace_id, case, **extra))
     return response.model_id
+
+
+async def upload_refused_before_the_bytes(client: ModelServiceClient, fields: UploadFields) -> ServiceError:
+    """Starts an upload that trickles bytes for 5 s; returns the service's refusal, which
+    must come before the client needed to send them all."""
+    chunks_sent = 0
+
+    async def messages() -> AsyncIterator[pb.UploadModelRequest]:
+        nonlocal chunks_sent
+        yield upload_header(fields)
+        for _ in range(100):
+            chunks_sent += 1
+            await asyncio.sleep(0.05)
+            yield pb.UploadModelRequest(chunk=b"\0" * 1024)
+
+    try:
+        await client.upload_stream(messages())
+    except ServiceError as refused:
+        assert chunks_sent < 100, "the service read the whole upload before refusing it"
+        return refused
+    raise AssertionError("the upload was accepted")

@@ -256,6 +256,7 @@ class CustomModelDocument(_message.Message):
     SIZE_BYTES_FIELD_NUMBER: _builtins.int
     DEPLOYMENT_STATUS_FIELD_NUMBER: _builtins.int
     DEPLOYMENT_ERROR_FIELD_NUMBER: _builtins.int
+    WEIGHTS_BYTES_FIELD_NUMBER: _builtins.int
     model_id: _builtins.str
     """Unique model id."""
     namespace_id: _builtins.str
@@ -282,7 +283,11 @@ class CustomModelDocument(_message.Message):
     """Where the latest deployment stands: "not_deployed", "pending", "deployed", "failed"."""
     deployment_error: _builtins.str
     """For a failed deployment: "<stage>: <reason>: <message>" (e.g. "verify:
-    CHECKSUM_MISMATCH: ..."); empty otherwise.
+    CHECKSUM_MISMATCH: ..."); for an evicted or lost one, why; empty otherwise.
+    """
+    weights_bytes: _builtins.float
+    """Bytes the deployed weights take in the Ray object store, known from the upload:
+    exact for safetensors, an upper bound for the other formats. What admission counts.
     """
     @_builtins.property
     def deployment_info(self) -> Global___ModelDeploymentInfo:
@@ -330,10 +335,11 @@ class CustomModelDocument(_message.Message):
         size_bytes: _builtins.float = ...,
         deployment_status: _builtins.str = ...,
         deployment_error: _builtins.str = ...,
+        weights_bytes: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "deployment_info", b"deployment_info", "input_schema", b"input_schema", "output_schema", b"output_schema", "resource_requirements", b"resource_requirements", "updated_at", b"updated_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "deployed", b"deployed", "deployment_error", b"deployment_error", "deployment_info", b"deployment_info", "deployment_status", b"deployment_status", "framework", b"framework", "input_schema", b"input_schema", "model_archive_url", b"model_archive_url", "model_format", b"model_format", "model_hash", b"model_hash", "model_id", b"model_id", "name", b"name", "namespace_id", b"namespace_id", "output_schema", b"output_schema", "resource_requirements", b"resource_requirements", "size_bytes", b"size_bytes", "task_type", b"task_type", "updated_at", b"updated_at", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "deployed", b"deployed", "deployment_error", b"deployment_error", "deployment_info", b"deployment_info", "deployment_status", b"deployment_status", "framework", b"framework", "input_schema", b"input_schema", "model_archive_url", b"model_archive_url", "model_format", b"model_format", "model_hash", b"model_hash", "model_id", b"model_id", "name", b"name", "namespace_id", b"namespace_id", "output_schema", b"output_schema", "resource_requirements", b"resource_requirements", "size_bytes", b"size_bytes", "task_type", b"task_type", "updated_at", b"updated_at", "version", b"version", "weights_bytes", b"weights_bytes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -604,6 +610,8 @@ class DeployModelRequest(_message.Message):
     NAMESPACE_ID_FIELD_NUMBER: _builtins.int
     MODEL_ID_FIELD_NUMBER: _builtins.int
     WAIT_FIELD_NUMBER: _builtins.int
+    PIN_FIELD_NUMBER: _builtins.int
+    IDLE_TTL_SECONDS_FIELD_NUMBER: _builtins.int
     namespace_id: _builtins.str
     """Namespace that owns the model."""
     model_id: _builtins.str
@@ -612,19 +620,38 @@ class DeployModelRequest(_message.Message):
     """Wait for the deployment to end (default true). With false, the answer comes at once
     with `deployment_status: "pending"` and a task id to follow.
     """
+    pin: _builtins.bool
+    """Never evict this model to make room for others (default false). Pinned bytes count
+    against admission. Deploying a cached model with `pin` set changes its pin.
+    """
+    idle_ttl_seconds: _builtins.float
+    """Undeploy the model after this many seconds without a deploy or a plugin load
+    (0 or unset: keep it until evicted or undeployed).
+    """
     def __init__(
         self,
         *,
         namespace_id: _builtins.str = ...,
         model_id: _builtins.str = ...,
         wait: _builtins.bool | None = ...,
+        pin: _builtins.bool | None = ...,
+        idle_ttl_seconds: _builtins.float | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_wait", b"_wait", "wait", b"wait"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_idle_ttl_seconds", b"_idle_ttl_seconds", "_pin", b"_pin", "_wait", b"_wait", "idle_ttl_seconds", b"idle_ttl_seconds", "pin", b"pin", "wait", b"wait"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_wait", b"_wait", "model_id", b"model_id", "namespace_id", b"namespace_id", "wait", b"wait"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_idle_ttl_seconds", b"_idle_ttl_seconds", "_pin", b"_pin", "_wait", b"_wait", "idle_ttl_seconds", b"idle_ttl_seconds", "model_id", b"model_id", "namespace_id", b"namespace_id", "pin", b"pin", "wait", b"wait"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__idle_ttl_seconds: _TypeAlias = _typing.Literal["idle_ttl_seconds"]  # noqa: Y015
+    _WhichOneofArgType__idle_ttl_seconds: _TypeAlias = _typing.Literal["_idle_ttl_seconds", b"_idle_ttl_seconds"]  # noqa: Y015
+    _WhichOneofReturnType__pin: _TypeAlias = _typing.Literal["pin"]  # noqa: Y015
+    _WhichOneofArgType__pin: _TypeAlias = _typing.Literal["_pin", b"_pin"]  # noqa: Y015
     _WhichOneofReturnType__wait: _TypeAlias = _typing.Literal["wait"]  # noqa: Y015
     _WhichOneofArgType__wait: _TypeAlias = _typing.Literal["_wait", b"_wait"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__idle_ttl_seconds) -> _WhichOneofReturnType__idle_ttl_seconds | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__pin) -> _WhichOneofReturnType__pin | None: ...
+    @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__wait) -> _WhichOneofReturnType__wait | None: ...
 
 Global___DeployModelRequest: _TypeAlias = DeployModelRequest  # noqa: Y015
@@ -898,3 +925,141 @@ class DeployTask(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___DeployTask: _TypeAlias = DeployTask  # noqa: Y015
+
+@_typing.final
+class GetCacheStatusRequest(_message.Message):
+    """Input of GetCacheStatus."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAMESPACE_ID_FIELD_NUMBER: _builtins.int
+    namespace_id: _builtins.str
+    """The namespace whose cached models to list (node totals cover every namespace)."""
+    def __init__(
+        self,
+        *,
+        namespace_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["namespace_id", b"namespace_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetCacheStatusRequest: _TypeAlias = GetCacheStatusRequest  # noqa: Y015
+
+@_typing.final
+class CacheStatus(_message.Message):
+    """The model cache, node by node."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SUCCESS_FIELD_NUMBER: _builtins.int
+    NODES_FIELD_NUMBER: _builtins.int
+    success: _builtins.bool
+    """Always true on success."""
+    @_builtins.property
+    def nodes(self) -> _containers.RepeatedCompositeFieldContainer[Global___CacheNode]:
+        """Every alive Ray node with an object store."""
+
+    def __init__(
+        self,
+        *,
+        success: _builtins.bool = ...,
+        nodes: _abc.Iterable[Global___CacheNode] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["nodes", b"nodes", "success", b"success"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CacheStatus: _TypeAlias = CacheStatus  # noqa: Y015
+
+@_typing.final
+class CacheNode(_message.Message):
+    """One Ray node's object store, as the model cache manages it."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NODE_ID_FIELD_NUMBER: _builtins.int
+    CAPACITY_BYTES_FIELD_NUMBER: _builtins.int
+    BUDGET_BYTES_FIELD_NUMBER: _builtins.int
+    USED_BYTES_FIELD_NUMBER: _builtins.int
+    PINNED_BYTES_FIELD_NUMBER: _builtins.int
+    MODELS_FIELD_NUMBER: _builtins.int
+    node_id: _builtins.str
+    """Ray node id."""
+    capacity_bytes: _builtins.float
+    """Object-store capacity Ray reports for the node, in bytes."""
+    budget_bytes: _builtins.float
+    """The share of it models may take (capacity x the budget fraction)."""
+    used_bytes: _builtins.float
+    """Bytes of cached (and loading) models on the node, every namespace."""
+    pinned_bytes: _builtins.float
+    """Of those, bytes that cannot be evicted (pinned or loading)."""
+    @_builtins.property
+    def models(self) -> _containers.RepeatedCompositeFieldContainer[Global___CachedModel]:
+        """The caller's namespace's models on the node, least recently used first."""
+
+    def __init__(
+        self,
+        *,
+        node_id: _builtins.str = ...,
+        capacity_bytes: _builtins.float = ...,
+        budget_bytes: _builtins.float = ...,
+        used_bytes: _builtins.float = ...,
+        pinned_bytes: _builtins.float = ...,
+        models: _abc.Iterable[Global___CachedModel] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["budget_bytes", b"budget_bytes", "capacity_bytes", b"capacity_bytes", "models", b"models", "node_id", b"node_id", "pinned_bytes", b"pinned_bytes", "used_bytes", b"used_bytes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CacheNode: _TypeAlias = CacheNode  # noqa: Y015
+
+@_typing.final
+class CachedModel(_message.Message):
+    """A model in a node's object store."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_ID_FIELD_NUMBER: _builtins.int
+    BYTES_FIELD_NUMBER: _builtins.int
+    PINNED_FIELD_NUMBER: _builtins.int
+    LOADING_FIELD_NUMBER: _builtins.int
+    LAST_USED_FIELD_NUMBER: _builtins.int
+    IDLE_TTL_SECONDS_FIELD_NUMBER: _builtins.int
+    model_id: _builtins.str
+    """Model id."""
+    bytes: _builtins.float
+    """Bytes it takes (its estimate while it loads)."""
+    pinned: _builtins.bool
+    """Never evicted."""
+    loading: _builtins.bool
+    """Its load is under way."""
+    idle_ttl_seconds: _builtins.float
+    """Undeployed after this long unused (0: never)."""
+    @_builtins.property
+    def last_used(self) -> _timestamp_pb2.Timestamp:
+        """Its last deploy or plugin load."""
+
+    def __init__(
+        self,
+        *,
+        model_id: _builtins.str = ...,
+        bytes: _builtins.float = ...,
+        pinned: _builtins.bool = ...,
+        loading: _builtins.bool = ...,
+        last_used: _timestamp_pb2.Timestamp | None = ...,
+        idle_ttl_seconds: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["last_used", b"last_used"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes", b"bytes", "idle_ttl_seconds", b"idle_ttl_seconds", "last_used", b"last_used", "loading", b"loading", "model_id", b"model_id", "pinned", b"pinned"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CachedModel: _TypeAlias = CachedModel  # noqa: Y015

@@ -84,6 +84,11 @@ class ModelServiceStub:
                 request_serializer=modelservice_dot_v1_dot_model__service__pb2.GetModelDeployStatusRequest.SerializeToString,
                 response_deserializer=modelservice_dot_v1_dot_model__service__pb2.DeployTask.FromString,
                 _registered_method=True)
+        self.GetCacheStatus = channel.unary_unary(
+                '/modelservice.v1.ModelService/GetCacheStatus',
+                request_serializer=modelservice_dot_v1_dot_model__service__pb2.GetCacheStatusRequest.SerializeToString,
+                response_deserializer=modelservice_dot_v1_dot_model__service__pb2.CacheStatus.FromString,
+                _registered_method=True)
 
 
 class ModelServiceServicer:
@@ -181,6 +186,14 @@ class ModelServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetCacheStatus(self, request, context):
+        """Shows the model cache per Ray node: object-store capacity, the budget for models,
+        what is used and pinned, and the caller's namespace's models there (bytes, last use).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ModelServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -228,6 +241,11 @@ def add_ModelServiceServicer_to_server(servicer, server):
                     servicer.GetModelDeployStatus,
                     request_deserializer=modelservice_dot_v1_dot_model__service__pb2.GetModelDeployStatusRequest.FromString,
                     response_serializer=modelservice_dot_v1_dot_model__service__pb2.DeployTask.SerializeToString,
+            ),
+            'GetCacheStatus': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetCacheStatus,
+                    request_deserializer=modelservice_dot_v1_dot_model__service__pb2.GetCacheStatusRequest.FromString,
+                    response_serializer=modelservice_dot_v1_dot_model__service__pb2.CacheStatus.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -478,6 +496,33 @@ class ModelService:
             '/modelservice.v1.ModelService/GetModelDeployStatus',
             modelservice_dot_v1_dot_model__service__pb2.GetModelDeployStatusRequest.SerializeToString,
             modelservice_dot_v1_dot_model__service__pb2.DeployTask.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetCacheStatus(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/modelservice.v1.ModelService/GetCacheStatus',
+            modelservice_dot_v1_dot_model__service__pb2.GetCacheStatusRequest.SerializeToString,
+            modelservice_dot_v1_dot_model__service__pb2.CacheStatus.FromString,
             options,
             channel_credentials,
             insecure,

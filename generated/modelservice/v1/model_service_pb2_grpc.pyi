@@ -94,6 +94,10 @@ class ModelServiceStub:
     """Returns one deploy task by its id."""
     GetModelDeployStatus: _grpc.UnaryUnaryMultiCallable[_model_service_pb2.GetModelDeployStatusRequest, _model_service_pb2.DeployTask]
     """Returns the latest deploy task of a model (its deployment status)."""
+    GetCacheStatus: _grpc.UnaryUnaryMultiCallable[_model_service_pb2.GetCacheStatusRequest, _model_service_pb2.CacheStatus]
+    """Shows the model cache per Ray node: object-store capacity, the budget for models,
+    what is used and pinned, and the caller's namespace's models there (bytes, last use).
+    """
 
 @_typing.type_check_only
 class ModelServiceAsyncStub(ModelServiceStub):
@@ -153,6 +157,10 @@ class ModelServiceAsyncStub(ModelServiceStub):
     """Returns one deploy task by its id."""
     GetModelDeployStatus: _aio.UnaryUnaryMultiCallable[_model_service_pb2.GetModelDeployStatusRequest, _model_service_pb2.DeployTask]  # type: ignore[assignment]
     """Returns the latest deploy task of a model (its deployment status)."""
+    GetCacheStatus: _aio.UnaryUnaryMultiCallable[_model_service_pb2.GetCacheStatusRequest, _model_service_pb2.CacheStatus]  # type: ignore[assignment]
+    """Shows the model cache per Ray node: object-store capacity, the budget for models,
+    what is used and pinned, and the caller's namespace's models there (bytes, last use).
+    """
 
 class ModelServiceServicer(metaclass=_abc_1.ABCMeta):
     """ModelService manages custom models of a namespace: upload, read, deploy, watch.
@@ -263,5 +271,15 @@ class ModelServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_model_service_pb2.DeployTask, _abc.Awaitable[_model_service_pb2.DeployTask]]:
         """Returns the latest deploy task of a model (its deployment status)."""
+
+    @_abc_1.abstractmethod
+    def GetCacheStatus(
+        self,
+        request: _model_service_pb2.GetCacheStatusRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_model_service_pb2.CacheStatus, _abc.Awaitable[_model_service_pb2.CacheStatus]]:
+        """Shows the model cache per Ray node: object-store capacity, the budget for models,
+        what is used and pinned, and the caller's namespace's models there (bytes, last use).
+        """
 
 def add_ModelServiceServicer_to_server(servicer: ModelServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -1,0 +1,145 @@
+"""What the model cache may hold: admission, LRU eviction, pins and idle time-outs.
+
+Plain code, no Ray: the cache actor asks it where a model can go and what must leave to
+make room, and applies the answers. Unit tests drive it with a fake clock.
+
+The scarce resource is each Ray node's object store. Models get a budget on every node (a
+fraction of its capacity: the rest stays free for plugins' own objects, so the store never
+has to spill). A model is admitted on a node if it fits in that node's budget once the
+least recently used unpinned models there are evicted; pinned bytes are never evicted.
+"""
+
+from __future__ import annotations
+
+import collections
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Resident:
+    """A model whose weights are (or are being loaded) in a node's object store."""
+
+    model_id: str
+    node_id: str
+    nbytes: int
+    pinned: bool
+    last_used: float
+    """Seconds on the caller's clock (the cache uses epoch seconds)."""
+    idle_ttl_seconds: float = 0.0
+    """Undeployed after this long unused; 0 keeps it until evicted or undeployed."""
+    loading: bool = False
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where a model goes, and which residents leave first (least recently used first)."""
+
+    node_id: str
+    evict: list[Resident] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """No node can take the model, even after evicting everything evictable."""
+
+    needs: int
+    budget: int
+    """The largest per-node budget of the eligible nodes."""
+    pinned: int
+    """Pinned (or still loading) bytes on that node."""
+    capacity: int
+    """That node's object-store capacity."""
+
+    @property
+    def message(self) -> str:
+        return (
+            f"the model needs {self.needs} bytes of object store; the largest node holds {self.capacity} bytes, "
+            f"{self.budget} of them for models, {self.pinned} of which are pinned or loading"
+        )
+
+
+class CachePolicy:
+    def __init__(self, budget_fraction: float) -> None:
+        if not 0 < budget_fraction <= 1:
+            raise ValueError("the object-store budget fraction must be in (0, 1]")
+        self._fraction = budget_fraction
+        # Least recently used first: a use moves a model to the end.
+        self._residents: collections.OrderedDict[str, Resident] = collections.OrderedDict()
+
+    def budget(self, capacity: int) -> int:
+        return int(capacity * self._fraction)
+
+    def place(self, nbytes: int, capacities: dict[str, int]) -> Placement | Refusal:
+        """The node that can take `nbytes` with the fewest evicted bytes, or why none can.
+
+        `capacities` maps each eligible node to its object-store capacity.
+        """
+        best: Placement | None = None
+        best_freed = 0
+        largest: Refusal | None = None
+        for node_id, capacity in capacities.items():
+            budget = self.budget(capacity)
+            on_node = [r for r in self._residents.values() if r.node_id == node_id]
+            held = sum(r.nbytes for r in on_node)
+            fixed = sum(r.nbytes for r in on_node if r.pinned or r.loading)
+            if nbytes > budget - fixed:
+                if largest is None or budget > largest.budget:
+                    largest = Refusal(needs=nbytes, budget=budget, pinned=fixed, capacity=capacity)
+                continue
+            evict: list[Resident] = []
+            freed = 0
+            for resident in on_node:  # LRU order
+                if held - freed + nbytes <= budget:
+                    break
+                if resident.pinned or resident.loading:
+                    continue
+                evict.append(resident)
+                freed += resident.nbytes
+            if best is None or freed < best_freed:
+                best, best_freed = Placement(node_id=node_id, evict=evict), freed
+        if best is not None:
+            return best
+        return largest or Refusal(needs=nbytes, budget=0, pinned=0, capacity=0)
+
+    def reserve(self, model_id: str, node_id: str, nbytes: int, *, pinned: bool, idle_ttl_seconds: float, now: float) -> None:
+        """Counts a load under way against its node (it cannot be evicted while it loads)."""
+        self._residents[model_id] = Resident(
+            model_id, node_id, nbytes, pinned=pinned, last_used=now, idle_ttl_seconds=idle_ttl_seconds, loading=True
+        )
+        self._residents.move_to_end(model_id)
+
+    def loaded(self, model_id: str, node_id: str, nbytes: int) -> None:
+        """The load finished: its real size and node replace the estimate."""
+        resident = self._residents.get(model_id)
+        if resident is not None:
+            resident.node_id, resident.nbytes, resident.loading = node_id, nbytes, False
+
+    def touch(self, model_id: str, now: float) -> None:
+        resident = self._residents.get(model_id)
+        if resident is not None:
+            resident.last_used = now
+            self._residents.move_to_end(model_id)
+
+    def set_options(self, model_id: str, *, pinned: bool | None, idle_ttl_seconds: float | None) -> None:
+        """A deploy of a model already cached may pin, unpin or change its idle time-out."""
+        resident = self._residents.get(model_id)
+        if resident is None:
+            return
+        if pinned is not None:
+            resident.pinned = pinned
+        if idle_ttl_seconds is not None:
+            resident.idle_ttl_seconds = idle_ttl_seconds
+
+    def remove(self, model_id: str) -> Resident | None:
+        return self._residents.pop(model_id, None)
+
+    def idle(self, now: float) -> list[Resident]:
+        """Residents unused for longer than their idle time-out (pinned ones included:
+        a time-out is an explicit request)."""
+        return [
+            r for r in self._residents.values()
+            if not r.loading and r.idle_ttl_seconds > 0 and now - r.last_used >= r.idle_ttl_seconds
+        ]
+
+    def residents(self) -> list[Resident]:
+        return list(self._residents.values())
