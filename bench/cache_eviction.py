@@ -19,12 +19,11 @@ import asyncio
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import ray
 
-from bench.harness import bench_service, median, write_result, write_weights
+from bench.harness import bench_service, median, time_raw_gets, write_result, write_weights
 from modelservice_sdk.client import ModelServiceClient, UploadFields
 from modelservice_sdk.loader import load_namespace_model
 from server.settings import GIB
@@ -41,15 +40,6 @@ def _plugin(model_ids: list[str]) -> list[float]:
         samples.append(time.perf_counter() - started)
     return samples
 
-
-@ray.remote(num_cpus=0)
-def _raw_get(refs: list[Any], repeat: int) -> list[float]:
-    samples = []
-    for _ in range(repeat):
-        started = time.perf_counter()
-        ray.get(refs)
-        samples.append(time.perf_counter() - started)
-    return samples
 
 
 def _percentile(samples: list[float], q: float) -> float:
@@ -77,7 +67,7 @@ async def main(models: int, mib: int, accesses: int) -> None:
                 samples = await _plugin.options(runtime_env=env).remote(sequence)
                 after = await app.cluster.metrics_snapshot()
                 arrays = [np.ones(mib * MIB // 4, dtype=np.float32)]
-                floor = median(await _raw_get.remote([ray.put(a) for a in arrays], 50))
+                floor = median(await time_raw_gets.remote([ray.put(arrays)], 50))
 
     lookups = {k: after.counters.lookups.get(k, 0) - before.counters.lookups.get(k, 0) for k in ("hit", "miss")}
     evictions = after.counters.evictions.get("lru", 0) - before.counters.evictions.get("lru", 0)

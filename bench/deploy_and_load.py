@@ -18,13 +18,12 @@ import tarfile
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import ray
 import safetensors.numpy
 
-from bench.harness import bench_service, write_result, write_weights
+from bench.harness import bench_service, time_raw_gets, write_result, write_weights
 from modelservice_sdk.client import ModelServiceClient, UploadFields
 from modelservice_sdk.loader import load_namespace_model
 
@@ -42,16 +41,6 @@ def _time_plugin_loads(model_id: str, repeat: int) -> list[float]:
         del model
     return samples
 
-
-@ray.remote(num_cpus=0)
-def _time_raw_gets(refs: list[Any], repeat: int) -> list[float]:
-    samples = []
-    for _ in range(repeat):
-        started = time.perf_counter()
-        value = ray.get(refs[0])
-        samples.append(time.perf_counter() - started)
-        del value
-    return samples
 
 
 async def main(sizes: list[int], repeat: int) -> None:
@@ -78,7 +67,7 @@ async def main(sizes: list[int], repeat: int) -> None:
                     started = time.perf_counter()
                     baseline_ref = ray.put(arrays)
                     put_seconds = time.perf_counter() - started
-                    raw_gets = await _time_raw_gets.remote([baseline_ref], repeat)
+                    raw_gets = await time_raw_gets.remote([baseline_ref], repeat)
                     del baseline_ref, arrays
                     load_median = statistics.median(loads[1:] or loads)
                     results.append(

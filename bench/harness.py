@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import ray
 import safetensors.numpy
 
 from server.app import ModelServiceApp
@@ -63,6 +64,18 @@ def timed(action: Callable[[], Any], repeat: int) -> list[float]:
         started = time.perf_counter()
         action()
         samples.append(time.perf_counter() - started)
+    return samples
+
+
+@ray.remote(num_cpus=0)
+def time_raw_gets(refs: list[Any], repeat: int) -> list[float]:
+    """In a Ray worker: the time of a plain `ray.get` of `refs[0]`, `repeat` times (a floor)."""
+    samples = []
+    for _ in range(repeat):
+        started = time.perf_counter()
+        value = ray.get(refs[0])
+        samples.append(time.perf_counter() - started)
+        del value
     return samples
 
 

@@ -217,9 +217,11 @@ class ModelServiceClient:
         wait: bool = True,
         pin: bool | None = None,
         idle_ttl_seconds: float | None = None,
+        node_ids: list[str] | None = None,
     ) -> pb.DeployModelResponse:
         request = pb.DeployModelRequest(
-            namespace_id=namespace_id, model_id=model_id, wait=wait, pin=pin, idle_ttl_seconds=idle_ttl_seconds
+            namespace_id=namespace_id, model_id=model_id, wait=wait, pin=pin, idle_ttl_seconds=idle_ttl_seconds,
+            node_ids=node_ids or [],
         )
         response: pb.DeployModelResponse = await self._unary(self.stub.DeployModel, request)
         return response

@@ -11,12 +11,13 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import grpc
 import numpy as np
 import pytest
 import ray
 from prometheus_client.utils import floatToGoString
 
-from modelservice_sdk.client import ModelServiceClient
+from modelservice_sdk.client import ModelServiceClient, ServiceError
 from modelservice_sdk.loader import load_namespace_model
 from server.app import ModelServiceApp
 from server.settings import Settings
@@ -147,3 +148,21 @@ async def _expect_metrics(app: ModelServiceApp, expected: list[str], within: flo
             return
         await asyncio.sleep(0.25)
     raise AssertionError(f"/metrics never showed {missing}")
+
+
+async def test_node_ids_place_the_load_and_an_unknown_node_is_refused_by_name(
+    small_cache: tuple[ModelServiceApp, Tenant], tmp_path: Path
+) -> None:
+    app, tenant = small_cache
+    async with ModelServiceClient(app.address, tenant.api_key) as client:
+        [node] = (await client.get_cache_status(tenant.namespace_id)).nodes
+        model_id = await _upload(client, tenant, tmp_path, "placed", 1)
+        with pytest.raises(ServiceError) as refused:
+            await client.deploy_model(tenant.namespace_id, model_id, node_ids=["f" * 56])
+        assert (refused.value.code, refused.value.reason) == (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_ARGUMENT")
+        assert refused.value.metadata == {"field": "node_ids", "node_id": "f" * 56}
+        deployed = await client.deploy_model(tenant.namespace_id, model_id, node_ids=[node.node_id])
+        assert deployed.deployment_status == "deployed"
+        model = (await client.get_model(tenant.namespace_id, model_id)).model
+        task = await client.get_model_deploy_status(tenant.namespace_id, model_id)
+    assert list(model.deployment_info.node_ids) == [node.node_id] and list(task.worker_node) == [node.node_id]

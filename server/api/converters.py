@@ -74,6 +74,7 @@ def deploy_options(request: pb.DeployModelRequest) -> DeployOptions:
     return DeployOptions(
         pin=request.pin if request.HasField("pin") else None,
         idle_ttl_seconds=request.idle_ttl_seconds if request.HasField("idle_ttl_seconds") else None,
+        node_ids=tuple(request.node_ids),
     )
 
 
@@ -126,6 +127,7 @@ def model_document(model: StoredModel) -> pb.CustomModelDocument:
                 ray_deployment_name=info.ray_deployment_name,
                 endpoint=info.endpoint,
                 base_image=info.base_image,
+                node_ids=list(info.node_ids),
             )
         )
         if info.deployed_at is not None:

@@ -91,6 +91,13 @@ class DeploymentService:
             math.isfinite(options.idle_ttl_seconds) and options.idle_ttl_seconds >= 0
         ):
             raise InvalidArgument("idle_ttl_seconds must be a number of seconds, 0 or more", field="idle_ttl_seconds")
+        if options.node_ids:
+            alive = {node.node_id for node in await self._cluster.cache_status()}
+            unknown = [node_id for node_id in options.node_ids if node_id not in alive]
+            if unknown:
+                raise InvalidArgument(
+                    f"node {unknown[0]!r} is not an alive Ray node with an object store", field="node_ids", node_id=unknown[0]
+                )
         ticket = await self._cluster.deploy(model.model_id, is_async=not wait, options=options)
         if ticket.cached:
             return DeployOutcome(

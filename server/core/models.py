@@ -67,6 +67,8 @@ class DeploymentInfo:
     endpoint: str
     base_image: str
     deployed_at: datetime.datetime | None
+    node_ids: tuple[str, ...] = ()
+    """Ray nodes whose object store holds the weights."""
 
 
 @dataclasses.dataclass(frozen=True)

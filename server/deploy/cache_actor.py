@@ -372,9 +372,13 @@ class ModelCache:
         task: Any = ray.remote(remote_load).options(
             num_returns=2, max_retries=0,
             num_cpus=resources.num_cpus, num_gpus=resources.num_gpus, memory=resources.memory_bytes,
-            # Soft: a node short of the model's CPUs or GPUs must not leave the load waiting
-            # forever; the accounting follows the node the load really ran on.
-            scheduling_strategy=NodeAffinitySchedulingStrategy(load.node_id, soft=True) if load.node_id else "DEFAULT",
+            # Soft unless the caller named the nodes: a node short of the model's CPUs or GPUs
+            # must not leave the load waiting forever; the accounting follows the node the
+            # load really ran on.
+            scheduling_strategy=(
+                NodeAffinitySchedulingStrategy(load.node_id, soft=not load.options.node_ids)
+                if load.node_id else "DEFAULT"
+            ),
         )
         weights_ref, summary_ref = task.remote(spec, ray.get_runtime_context().current_actor)
         self._loads_started += 1
@@ -408,6 +412,7 @@ class ModelCache:
                 endpoint=plugin_endpoint(load.model_id),
                 base_image=BASE_IMAGES[model.metadata.model_format],
                 deployed_at=now,
+                node_ids=(summary.node_id or load.node_id,),
             ),
             now=now,
         )
@@ -420,7 +425,10 @@ class ModelCache:
         """Finds room in a node's object-store budget, evicting least recently used models
         if needed; fails the load at the schedule stage if no node can ever hold it."""
         needs = model.weights_bytes or 2 * model.size_bytes  # older uploads: a safe bound
-        decision = self._policy.place(needs, await self._object_store_capacities())
+        capacities = await self._object_store_capacities()
+        if load.options.node_ids:
+            capacities = {node: capacity for node, capacity in capacities.items() if node in load.options.node_ids}
+        decision = self._policy.place(needs, capacities)
         if isinstance(decision, Refusal):
             self._counters.admission_refusals += 1
             await self._fail(load, "schedule", "INSUFFICIENT_OBJECT_STORE_MEMORY", decision.message)

@@ -91,6 +91,8 @@ class DeployOptions:
 
     pin: bool | None = None
     idle_ttl_seconds: float | None = None
+    node_ids: tuple[str, ...] = ()
+    """Ray nodes the load may go to (empty: any)."""
 
 
 @dataclass(frozen=True)

@@ -246,6 +246,7 @@ class ModelRepository:
                 "endpoint": info.endpoint,
                 "base_image": info.base_image,
                 "deployed_at": info.deployed_at,
+                "node_ids": list(info.node_ids),
             }
         await self._models.update_one(
             {"_id": model_id, "state": READY},
@@ -302,6 +303,7 @@ def model_from_document(document: Document) -> StoredModel:
             endpoint=info.get("endpoint") or "",
             base_image=info.get("base_image") or "",
             deployed_at=as_utc_datetime(info["deployed_at"]) if info.get("deployed_at") else None,
+            node_ids=tuple(info.get("node_ids") or ()),
         ),
         created_at=as_utc_datetime(document["created_at"]),
         updated_at=as_utc_datetime(document["updated_at"]),

@@ -356,6 +356,7 @@ class ModelDeploymentInfo(_message.Message):
     ENDPOINT_FIELD_NUMBER: _builtins.int
     BASE_IMAGE_FIELD_NUMBER: _builtins.int
     DEPLOYED_AT_FIELD_NUMBER: _builtins.int
+    NODE_IDS_FIELD_NUMBER: _builtins.int
     ray_cluster_url: _builtins.str
     """Address of the Ray cluster that holds the weights."""
     ray_deployment_name: _builtins.str
@@ -368,6 +369,10 @@ class ModelDeploymentInfo(_message.Message):
     def deployed_at(self) -> _timestamp_pb2.Timestamp:
         """When the weights were cached."""
 
+    @_builtins.property
+    def node_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Ray nodes whose object store holds the weights."""
+
     def __init__(
         self,
         *,
@@ -376,10 +381,11 @@ class ModelDeploymentInfo(_message.Message):
         endpoint: _builtins.str = ...,
         base_image: _builtins.str = ...,
         deployed_at: _timestamp_pb2.Timestamp | None = ...,
+        node_ids: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["deployed_at", b"deployed_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_image", b"base_image", "deployed_at", b"deployed_at", "endpoint", b"endpoint", "ray_cluster_url", b"ray_cluster_url", "ray_deployment_name", b"ray_deployment_name"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_image", b"base_image", "deployed_at", b"deployed_at", "endpoint", b"endpoint", "node_ids", b"node_ids", "ray_cluster_url", b"ray_cluster_url", "ray_deployment_name", b"ray_deployment_name"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -612,6 +618,7 @@ class DeployModelRequest(_message.Message):
     WAIT_FIELD_NUMBER: _builtins.int
     PIN_FIELD_NUMBER: _builtins.int
     IDLE_TTL_SECONDS_FIELD_NUMBER: _builtins.int
+    NODE_IDS_FIELD_NUMBER: _builtins.int
     namespace_id: _builtins.str
     """Namespace that owns the model."""
     model_id: _builtins.str
@@ -628,6 +635,12 @@ class DeployModelRequest(_message.Message):
     """Undeploy the model after this many seconds without a deploy or a plugin load
     (0 or unset: keep it until evicted or undeployed).
     """
+    @_builtins.property
+    def node_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Load the weights on one of these Ray nodes (OpenSearch's `node_ids`); empty: the
+        node that needs the fewest evictions. An unknown or dead node is INVALID_ARGUMENT.
+        """
+
     def __init__(
         self,
         *,
@@ -636,10 +649,11 @@ class DeployModelRequest(_message.Message):
         wait: _builtins.bool | None = ...,
         pin: _builtins.bool | None = ...,
         idle_ttl_seconds: _builtins.float | None = ...,
+        node_ids: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_idle_ttl_seconds", b"_idle_ttl_seconds", "_pin", b"_pin", "_wait", b"_wait", "idle_ttl_seconds", b"idle_ttl_seconds", "pin", b"pin", "wait", b"wait"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_idle_ttl_seconds", b"_idle_ttl_seconds", "_pin", b"_pin", "_wait", b"_wait", "idle_ttl_seconds", b"idle_ttl_seconds", "model_id", b"model_id", "namespace_id", b"namespace_id", "pin", b"pin", "wait", b"wait"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_idle_ttl_seconds", b"_idle_ttl_seconds", "_pin", b"_pin", "_wait", b"_wait", "idle_ttl_seconds", b"idle_ttl_seconds", "model_id", b"model_id", "namespace_id", b"namespace_id", "node_ids", b"node_ids", "pin", b"pin", "wait", b"wait"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__idle_ttl_seconds: _TypeAlias = _typing.Literal["idle_ttl_seconds"]  # noqa: Y015
     _WhichOneofArgType__idle_ttl_seconds: _TypeAlias = _typing.Literal["_idle_ttl_seconds", b"_idle_ttl_seconds"]  # noqa: Y015
