@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import tarfile
 import tempfile
 import time
 from pathlib import Path
@@ -52,11 +53,15 @@ async def main(models: int, mib: int, accesses: int) -> None:
         async with bench_service(work_dir, object_store_bytes=GIB, object_store_budget_fraction=0.5) as (app, ns, key):
             env = {"env_vars": {"MODELSERVICE_MONGODB_DATABASE": app.settings.mongodb_database}}
             async with ModelServiceClient(app.address, key) as client:
-                archive = write_weights(work_dir / "m" / "model.safetensors", mib * MIB)
+                weights = write_weights(work_dir / "m" / "model.safetensors", mib * MIB)
+                archive = work_dir / "model.tar"
+                with tarfile.open(archive, "w") as tar:
+                    tar.add(weights, arcname="model/model.safetensors")
                 model_ids = []
                 for index in range(models):
                     uploaded = await client.upload_file(
-                        archive, UploadFields(namespace_id=ns, name=f"m{index}", version="1", model_format="safetensors")
+                        archive,
+                        UploadFields(namespace_id=ns, name=f"m{index}", version="1", model_format="safetensors", memory_gb=0.5),
                     )
                     model_ids.append(uploaded.model_id)
                 budget = int(GIB * 0.5)

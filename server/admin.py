@@ -7,6 +7,7 @@
     python -m server.admin set-tier acme pro
     python -m server.admin set-quota acme --max-models 100 --max-archive-bytes 107374182400 --max-deployed-bytes 0
     python -m server.admin show-quota acme
+    python -m server.admin set-deploy-defaults acme --pin --idle-ttl 3600
 
 It talks to MongoDB directly: `MODELSERVICE_MONGODB_URI`, or, when the service runs with its
 embedded MongoDB, the address that the running service wrote to `<data_dir>/mongodb/uri`.
@@ -25,7 +26,7 @@ from typing import Any
 
 from pymongo import AsyncMongoClient
 
-from server.core.models import Tier, utc_now
+from server.core.models import DeployDefaults, Tier, utc_now
 from server.core.tenancy import TenancyService
 from server.errors import ModelServiceError
 from server.persistence.mongo import ModelRepository, TenancyRepository, connect, database
@@ -66,8 +67,16 @@ def _parser() -> argparse.ArgumentParser:
     set_quota.add_argument("namespace_id")
     for flag in ("--max-archive-bytes", "--max-models", "--max-deployed-bytes"):
         set_quota.add_argument(flag, type=_non_negative_int, default=None)
-    show_quota = commands.add_parser("show-quota", help="show a namespace's quotas and what it uses")
+    show_quota = commands.add_parser("show-quota", help="show a namespace's quotas, deploy defaults and usage")
     show_quota.add_argument("namespace_id")
+    defaults = commands.add_parser(
+        "set-deploy-defaults", help="what the namespace's deploys get when they do not say (pin, idle time-out)"
+    )
+    defaults.add_argument("namespace_id")
+    pinning = defaults.add_mutually_exclusive_group()
+    pinning.add_argument("--pin", dest="pin", action="store_const", const=True)
+    pinning.add_argument("--no-pin", dest="pin", action="store_const", const=False)
+    defaults.add_argument("--idle-ttl", type=float, default=None, metavar="SECONDS", help="0: never")
     return parser
 
 
@@ -85,7 +94,7 @@ async def run(arguments: argparse.Namespace, settings: Settings) -> dict[str, An
         repository = TenancyRepository(db)
         await repository.ensure_indexes()
         tenancy = TenancyService(repository)
-        if arguments.command in ("set-quota", "show-quota"):
+        if arguments.command in ("set-quota", "show-quota", "set-deploy-defaults"):
             return await _quota(arguments, repository, ModelRepository(db))
         if arguments.command == "create-namespace":
             namespace = await tenancy.create_namespace(arguments.namespace_id, Tier(arguments.tier))
@@ -122,7 +131,15 @@ async def _quota(arguments: argparse.Namespace, tenancy: TenancyRepository, mode
     namespace = await tenancy.get_namespace(arguments.namespace_id)
     if namespace is None:
         raise SystemExit(f"namespace {arguments.namespace_id!r} not found")
-    quotas = namespace.quotas
+    quotas, defaults = namespace.quotas, namespace.deploy_defaults
+    if arguments.command == "set-deploy-defaults":
+        if arguments.idle_ttl is not None and not arguments.idle_ttl >= 0:
+            raise SystemExit("--idle-ttl must be 0 (never) or more seconds")
+        defaults = DeployDefaults(
+            pin=defaults.pin if arguments.pin is None else arguments.pin,
+            idle_ttl_seconds=defaults.idle_ttl_seconds if arguments.idle_ttl is None else arguments.idle_ttl,
+        )
+        await tenancy.set_deploy_defaults(namespace.namespace_id, defaults)
     if arguments.command == "set-quota":
         changes = {
             field: value
@@ -139,6 +156,7 @@ async def _quota(arguments: argparse.Namespace, tenancy: TenancyRepository, mode
     return {
         "namespace_id": namespace.namespace_id,
         "quotas": dataclasses.asdict(quotas),
+        "deploy_defaults": dataclasses.asdict(defaults),
         "usage": {"models": usage.models, "archive_bytes": usage.archive_bytes, "deployed_bytes": usage.deployed_bytes},
     }
 

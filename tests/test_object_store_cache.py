@@ -24,6 +24,7 @@ from server.settings import Settings
 from tests.conftest import Tenant, make_tenant
 from tests.support import model_files
 from tests.support.uploads import upload_fields
+from tests.test_admin import admin
 
 pytestmark = pytest.mark.integration
 
@@ -118,13 +119,18 @@ async def test_lru_eviction_admission_pins_and_reload_on_demand(
         assert seen_by_other.used_bytes == node.used_bytes and list(seen_by_other.models) == []
 
 
+@pytest.mark.parametrize("set_by", ["request", "namespace_default"])
 async def test_an_idle_model_is_undeployed_after_its_time_out(
-    small_cache: tuple[ModelServiceApp, Tenant], tmp_path: Path
+    small_cache: tuple[ModelServiceApp, Tenant], tmp_path: Path, set_by: str
 ) -> None:
     app, tenant = small_cache
+    if set_by == "namespace_default":
+        code, shown, err = await admin(app, "set-deploy-defaults", tenant.namespace_id, "--idle-ttl", "1")
+        assert code == 0 and shown["deploy_defaults"] == {"pin": False, "idle_ttl_seconds": 1.0}, err
     async with ModelServiceClient(app.address, tenant.api_key) as client:
         model_id = await _upload(client, tenant, tmp_path, "idle", 1)
-        assert (await client.deploy_model(tenant.namespace_id, model_id, idle_ttl_seconds=1)).deployment_status == "deployed"
+        ttl = 1.0 if set_by == "request" else None
+        assert (await client.deploy_model(tenant.namespace_id, model_id, idle_ttl_seconds=ttl)).deployment_status == "deployed"
         for _ in range(100):
             status, error = await _status(client, tenant, model_id)
             if status != "deployed":

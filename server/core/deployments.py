@@ -98,6 +98,11 @@ class DeploymentService:
                 raise InvalidArgument(
                     f"node {unknown[0]!r} is not an alive Ray node with an object store", field="node_ids", node_id=unknown[0]
                 )
+        options = dataclasses.replace(
+            options,
+            default_pin=namespace.deploy_defaults.pin,
+            default_idle_ttl_seconds=namespace.deploy_defaults.idle_ttl_seconds,
+        )
         ticket = await self._cluster.deploy(model.model_id, is_async=not wait, options=options)
         if ticket.cached:
             return DeployOutcome(

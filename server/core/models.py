@@ -127,6 +127,14 @@ class Quotas:
 
 
 @dataclasses.dataclass(frozen=True)
+class DeployDefaults:
+    """What a namespace's deploys get when they do not say (set by the operator)."""
+
+    pin: bool = False
+    idle_ttl_seconds: float = 0.0
+
+
+@dataclasses.dataclass(frozen=True)
 class NamespaceUsage:
     """What a namespace holds now, as its quotas count it."""
 
@@ -141,6 +149,7 @@ class Namespace:
     tier: Tier
     created_at: datetime.datetime
     quotas: Quotas = Quotas()
+    deploy_defaults: DeployDefaults = DeployDefaults()
 
 
 @dataclasses.dataclass(frozen=True)

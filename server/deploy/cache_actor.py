@@ -174,17 +174,16 @@ class ModelCache:
             models, _ = await self._repositories()
             if await models.get(namespace_id, model_id) is None:
                 raise ModelNotAvailable(f"model {model_id!r} not found in namespace {namespace_id!r}")
-        ticket = await self.deploy(model_id, is_async=True)
-        self._policy.touch(model_id, time.time())
+        ticket = await self.deploy(model_id, is_async=True)  # a use, for the LRU order
         self._counters.add(self._counters.lookups, "hit" if ticket.cached else "miss")
         load = self._loading.get(model_id)
         if not ticket.cached and load is not None:
             await load.done.wait()
-        found = await self.lookup(model_id)
-        if found is None:
+        entry = self._entries.get(model_id)
+        if entry is None:
             reason = load.error if load is not None else "unknown"
             raise ModelNotAvailable(f"model {model_id!r} could not be loaded: {reason}")
-        return found
+        return [entry.ref]
 
     async def report(self, task_id: str, event: dict[str, Any]) -> None:
         """Progress from a load task (awaited by the task, so events keep their order)."""
@@ -436,9 +435,12 @@ class ModelCache:
         # Applied before the next await, so that concurrent loads plan with this one's room.
         for victim in decision.evict:
             self._policy.remove(victim.model_id)
+        options = load.options
         self._policy.reserve(
-            load.model_id, decision.node_id, needs, pinned=bool(load.options.pin),
-            idle_ttl_seconds=load.options.idle_ttl_seconds or 0.0, now=time.time(),
+            load.model_id, decision.node_id, needs,
+            pinned=options.default_pin if options.pin is None else options.pin,
+            idle_ttl_seconds=options.default_idle_ttl_seconds if options.idle_ttl_seconds is None else options.idle_ttl_seconds,
+            now=time.time(),
         )
         load.node_id = decision.node_id
         for victim in decision.evict:

@@ -93,6 +93,9 @@ class DeployOptions:
     idle_ttl_seconds: float | None = None
     node_ids: tuple[str, ...] = ()
     """Ray nodes the load may go to (empty: any)."""
+    default_pin: bool = False
+    default_idle_ttl_seconds: float = 0.0
+    """The namespace's defaults, for a new load whose request left pin or the time-out unset."""
 
 
 @dataclass(frozen=True)

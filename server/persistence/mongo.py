@@ -17,6 +17,7 @@ from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import DuplicateKeyError
 
 from server.core.models import (
+    DeployDefaults,
     DeploymentInfo,
     DeploymentStatus,
     ModelFormat,
@@ -338,6 +339,7 @@ class TenancyRepository:
         if document is None:
             return None
         quotas = document.get("quotas") or {}
+        defaults = document.get("deploy_defaults") or {}
         return Namespace(
             namespace_id=document["_id"],
             tier=Tier(document["tier"]),
@@ -347,7 +349,17 @@ class TenancyRepository:
                 max_models=int(quotas.get("max_models") or 0),
                 max_deployed_bytes=int(quotas.get("max_deployed_bytes") or 0),
             ),
+            deploy_defaults=DeployDefaults(
+                pin=bool(defaults.get("pin")), idle_ttl_seconds=float(defaults.get("idle_ttl_seconds") or 0.0)
+            ),
         )
+
+    async def set_deploy_defaults(self, namespace_id: str, defaults: DeployDefaults) -> bool:
+        result = await self._namespaces.update_one(
+            {"_id": namespace_id},
+            {"$set": {"deploy_defaults": {"pin": defaults.pin, "idle_ttl_seconds": defaults.idle_ttl_seconds}}},
+        )
+        return result.matched_count == 1
 
     async def set_quotas(self, namespace_id: str, quotas: Quotas) -> bool:
         result = await self._namespaces.update_one(
