@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import time
+import weakref
 from typing import Any
 
 from modelservice_sdk.model import ModelNotAvailable, NamespaceModel
@@ -48,12 +49,42 @@ def load_namespace_model(
     if not ray.is_initialized():
         ray.init(address="auto", namespace=CACHE_NAMESPACE, log_to_driver=False)
     name = f"model-cache-{database or os.environ.get('MODELSERVICE_MONGODB_DATABASE') or DEFAULT_DATABASE}"
+    key = (name, model_id, namespace_id)
+    held = _held.get(key)
+    if held is not None:
+        # This process still holds the model: same id, same bytes (ids are immutable). No
+        # round trip; the cache hears of the use (for its LRU order) without waiting.
+        _report_use(name, model_id)
+        return held
     try:
-        return _load(_cache_actor(name), model_id, namespace_id)
+        model = _load(_cache_actor(name), model_id, namespace_id)
     except ray.exceptions.RayActorError:
         # The cache was replaced (Ray restarted it, or a service replica recreated it).
         _actors.pop(name, None)
-        return _load(_cache_actor(name), model_id, namespace_id)
+        model = _load(_cache_actor(name), model_id, namespace_id)
+    _held[key] = model
+    return model
+
+
+_held: weakref.WeakValueDictionary[tuple[str, str, str | None], NamespaceModel] = weakref.WeakValueDictionary()
+"""Models this process holds, weakly: a repeat call is served from here while the plugin
+keeps the model, and once it lets go, nothing here keeps the object-store memory alive
+(an undeploy or an eviction frees it as usual)."""
+
+USE_REPORT_INTERVAL_SECONDS = 1.0
+_last_reported: dict[tuple[str, str], float] = {}
+
+
+def _report_use(name: str, model_id: str) -> None:
+    """Tells the cache of a use, at most once a second per model, without waiting."""
+    now = time.monotonic()
+    if now - _last_reported.get((name, model_id), 0.0) < USE_REPORT_INTERVAL_SECONDS:
+        return
+    _last_reported[(name, model_id)] = now
+    actor = _actors.get(name)
+    touch = getattr(actor, "touch", None)  # a cache of an older release has no `touch`
+    if touch is not None:
+        touch.remote(model_id)
 
 
 _actors: dict[str, Any] = {}

@@ -75,11 +75,15 @@ async def serve(settings: Settings) -> None:
             # check of the service to pass.
             await wait_until_routing(gateway)
             rest = f"{gateway.base_url}  (Envoy: REST and gRPC on one port)"
+        metrics = (
+            f"http://{settings.metrics_host}:{app.metrics_port}/metrics" if settings.metrics_port >= 0 else "disabled"
+        )
         print(
             "\nmodelservice is ready\n"
             f"  REST:       {rest}\n"
             f"  gRPC:       {app.address}  (reflection on: grpcurl -plaintext {app.address} list)\n"
             f"  MongoDB:    {app.mongodb_uri}\n"
+            f"  metrics:    {metrics}\n"
             f"  namespace:  {DEV_NAMESPACE}\n"
             f"  API key:    {key}\n",
             flush=True,

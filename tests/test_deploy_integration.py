@@ -399,3 +399,32 @@ async def test_a_killed_model_cache_is_noticed_recreated_and_loads_on_demand(
     total = await _load_and_sum.options(runtime_env=plugin_env(app)).remote(model_id)
     assert total == pytest.approx(float(sum(a.sum() for a in model_files.reference_weights().values())), rel=1e-5)
     assert (await client.get_model(tenant.namespace_id, model_id)).model.deployed is True
+
+
+@ray.remote(num_cpus=0.1)
+def _repeat_loads_in_one_process(model_id: str) -> dict[str, Any]:
+    import gc
+
+    from modelservice_sdk import loader
+
+    first = load_namespace_model(model_id)
+    second = load_namespace_model(model_id)  # served by this process: no round trip
+
+    def held() -> bool:
+        return any(key[1] == model_id for key in list(loader._held.keys()))
+
+    held_while_used, same_object = held(), first is second
+    del first, second
+    gc.collect()  # the deserialized model may sit in a reference cycle until a collection
+    return {"same_object": same_object, "held_while_used": held_while_used, "held_after": held()}
+
+
+async def test_a_repeat_load_in_one_process_reuses_the_model_and_holds_nothing_once_let_go(
+    app: ModelServiceApp, client: ModelServiceClient, tenant: Tenant, tmp_path: Path
+) -> None:
+    model_id = await upload_model(client, tenant.namespace_id, tmp_path, "safetensors")
+    assert (await client.deploy_model(tenant.namespace_id, model_id)).deployment_status == "deployed"
+    report = await _repeat_loads_in_one_process.options(runtime_env=plugin_env(app)).remote(model_id)
+    assert report == {"same_object": True, "held_while_used": True, "held_after": False}
+    # Nothing in the plugin's process pins the weights: an undeploy frees them as before.
+    assert (await client.undeploy_model(tenant.namespace_id, model_id)).was_cached

@@ -185,6 +185,12 @@ class ModelCache:
             raise ModelNotAvailable(f"model {model_id!r} could not be loaded: {reason}")
         return [entry.ref]
 
+    async def touch(self, model_id: str) -> None:
+        """A use of a model a plugin process still held (no answer awaited)."""
+        if model_id in self._entries:
+            self._policy.touch(model_id, time.time())
+            self._counters.add(self._counters.lookups, "hit")
+
     async def report(self, task_id: str, event: dict[str, Any]) -> None:
         """Progress from a load task (awaited by the task, so events keep their order)."""
         queue = self._progress.get(task_id)
