@@ -11,7 +11,7 @@ import asyncio
 import time
 import urllib.parse
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -82,6 +82,16 @@ async def _health(app: ModelServiceApp) -> int:
         return status
 
 
+async def _refused_within(call: Awaitable[object], seconds: float) -> ServiceError:
+    """The service's refusal of `call`, which must come within `seconds`."""
+    started = time.monotonic()
+    with pytest.raises(ServiceError) as raised:
+        await call
+    took = time.monotonic() - started
+    assert took < seconds, took
+    return raised.value
+
+
 async def _wait_for_health(app: ModelServiceApp, status: int, within: float = 15.0) -> None:
     deadline = time.monotonic() + within
     while await _health(app) != status:
@@ -96,12 +106,8 @@ async def test_a_stalled_metadata_store_answers_unavailable_in_seconds_and_recov
     async with ModelServiceClient(app.address, tenant.api_key) as client:
         model_id = await upload_model(client, tenant.namespace_id, tmp_path, "safetensors")
         proxied.mongodb.set_mode(Mode.STALL)
-        started = time.monotonic()
-        with pytest.raises(ServiceError) as raised:
-            await client.get_model(tenant.namespace_id, model_id)
-        took = time.monotonic() - started
-        assert (raised.value.code, raised.value.reason) == (grpc.StatusCode.UNAVAILABLE, "METADATA_STORE_UNAVAILABLE")
-        assert took < 4 * TIMEOUT_SECONDS + 2, took
+        refused = await _refused_within(client.get_model(tenant.namespace_id, model_id), 4 * TIMEOUT_SECONDS + 2)
+        assert (refused.code, refused.reason) == (grpc.StatusCode.UNAVAILABLE, "METADATA_STORE_UNAVAILABLE")
         await _wait_for_health(app, health_pb2.HealthCheckResponse.NOT_SERVING)
         proxied.mongodb.set_mode(Mode.FORWARD)
         await _wait_for_health(app, health_pb2.HealthCheckResponse.SERVING)
@@ -123,12 +129,8 @@ async def test_an_archive_store_that_stalls_mid_upload_fails_it_in_seconds_and_l
             yield pb.UploadModelRequest(chunk=bytes(1 << 20))
 
     async with ModelServiceClient(app.address, tenant.api_key) as client:
-        started = time.monotonic()
-        with pytest.raises(ServiceError) as raised:
-            await client.upload_stream(messages())
-        took = time.monotonic() - started
-    assert (raised.value.code, raised.value.reason) == (grpc.StatusCode.UNAVAILABLE, "ARCHIVE_STORE_UNAVAILABLE")
-    assert took < 6 * TIMEOUT_SECONDS + 5, took
+        refused = await _refused_within(client.upload_stream(messages()), 6 * TIMEOUT_SECONDS + 5)
+    assert (refused.code, refused.reason) == (grpc.StatusCode.UNAVAILABLE, "ARCHIVE_STORE_UNAVAILABLE")
     await _wait_for_health(app, health_pb2.HealthCheckResponse.NOT_SERVING)
     proxied.s3.set_mode(Mode.FORWARD)
     await _wait_for_health(app, health_pb2.HealthCheckResponse.SERVING)
@@ -151,11 +153,10 @@ async def test_an_archive_store_refusing_connections_answers_unavailable_and_rec
     app, tenant = proxied.app, proxied.tenant
     proxied.s3.set_mode(Mode.REFUSE)
     async with ModelServiceClient(app.address, tenant.api_key) as client:
-        started = time.monotonic()
-        with pytest.raises(ServiceError) as raised:
-            await upload_model(client, tenant.namespace_id, tmp_path, "safetensors")
-        assert (raised.value.code, raised.value.reason) == (grpc.StatusCode.UNAVAILABLE, "ARCHIVE_STORE_UNAVAILABLE")
-        assert time.monotonic() - started < 4 * TIMEOUT_SECONDS + 2
+        refused = await _refused_within(
+            upload_model(client, tenant.namespace_id, tmp_path, "safetensors"), 4 * TIMEOUT_SECONDS + 2
+        )
+        assert (refused.code, refused.reason) == (grpc.StatusCode.UNAVAILABLE, "ARCHIVE_STORE_UNAVAILABLE")
         await _wait_for_health(app, health_pb2.HealthCheckResponse.NOT_SERVING)
         proxied.s3.set_mode(Mode.FORWARD)
         await _wait_for_health(app, health_pb2.HealthCheckResponse.SERVING)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from server.core.models import NamespaceUsage, StoredModel
+from server.core.models import Namespace, NamespaceUsage, StoredModel
 from server.core.tenancy import TenancyService
 from server.errors import InvalidArgument, ModelNotFound
 from server.persistence.mongo import ModelRepository
@@ -34,11 +34,18 @@ class ModelCatalog:
 
     async def get(self, bearer_token: str | None, namespace_id: str, model_id: str) -> StoredModel:
         """The namespace's model; another namespace's answers exactly like a missing one."""
-        await self._tenancy.authorize(bearer_token, namespace_id)
+        _, model = await self.get_with_namespace(bearer_token, namespace_id, model_id)
+        return model
+
+    async def get_with_namespace(
+        self, bearer_token: str | None, namespace_id: str, model_id: str
+    ) -> tuple[Namespace, StoredModel]:
+        """`get`, and the namespace (its quotas and defaults) the authorization read."""
+        namespace = await self._tenancy.authorize(bearer_token, namespace_id)
         model = await self._models.get(namespace_id, model_id)
         if model is None:
             raise model_not_found(namespace_id, model_id)
-        return model
+        return namespace, model
 
     async def usage(self, namespace_id: str) -> NamespaceUsage:
         """What the namespace holds, as its quotas count it (the caller has authorized)."""

@@ -82,9 +82,10 @@ class DeploymentService:
     async def deploy(
         self, bearer_token: str | None, namespace_id: str, model_id: str, wait: bool, options: DeployOptions
     ) -> DeployOutcome:
-        namespace = await self._tenancy.authorize(bearer_token, namespace_id)
-        model = await self._catalog.get(bearer_token, namespace_id, model_id)
-        if model.deployment_status not in (DeploymentStatus.DEPLOYED, DeploymentStatus.PENDING):
+        namespace, model = await self._catalog.get_with_namespace(bearer_token, namespace_id, model_id)
+        if namespace.quotas.max_deployed_bytes and model.deployment_status not in (
+            DeploymentStatus.DEPLOYED, DeploymentStatus.PENDING,
+        ):
             usage = await self._catalog.usage(namespace_id)
             quotas.check_deploy(namespace, usage, model.weights_bytes)
         if options.idle_ttl_seconds is not None and not (

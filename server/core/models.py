@@ -125,6 +125,10 @@ class Quotas:
     max_deployed_bytes: int = 0
     """Object-store bytes of the namespace's deployed models (their weights_bytes)."""
 
+    @property
+    def limit_uploads(self) -> bool:
+        return bool(self.max_archive_bytes or self.max_models)
+
 
 @dataclasses.dataclass(frozen=True)
 class DeployDefaults:

@@ -12,6 +12,9 @@ from __future__ import annotations
 from server.core.models import Namespace, NamespaceUsage, Quotas
 from server.errors import QuotaExceeded
 
+NO_USAGE = NamespaceUsage(models=0, archive_bytes=0, deployed_bytes=0)
+"""What the checks see of a namespace without the quota in question (usage never read)."""
+
 
 def check_new_model(namespace: Namespace, usage: NamespaceUsage) -> None:
     quotas = namespace.quotas

@@ -99,7 +99,8 @@ class UploadService:
         if declared.namespace_id != namespace_id:
             raise InvalidArgument("namespace_id may only be set in the first message", field="namespace_id")
         metadata = validate_declaration(declared)
-        usage = await self._models.namespace_usage(namespace_id)
+        # Counting the namespace's models is a scan: only for a namespace with upload quotas.
+        usage = await self._models.namespace_usage(namespace_id) if namespace.quotas.limit_uploads else quotas.NO_USAGE
         quotas.check_new_model(namespace, usage)  # before any archive byte flows
         storage_left = quotas.archive_bytes_left(namespace.quotas, usage)
         started = time.monotonic()

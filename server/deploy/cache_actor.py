@@ -37,7 +37,6 @@ from server.deploy.specs import (
     LoadSpec,
     LoadSummary,
     NodeUsage,
-    ResidentModel,
     StageTimes,
 )
 from server.persistence.deployments import DeploymentEvent, DeploymentRepository, DeployTask
@@ -270,8 +269,6 @@ class ModelCache:
     async def cache_status(self) -> list[NodeUsage]:
         """The cache node by node: capacity, budget, use, and every resident model."""
         capacities = await self._object_store_capacities()
-        namespaces = {model_id: entry.namespace_id for model_id, entry in self._entries.items()}
-        namespaces.update({model_id: load.namespace_id for model_id, load in self._loading.items()})
         residents = self._policy.residents()
         return [
             NodeUsage(
@@ -280,13 +277,7 @@ class ModelCache:
                 budget_bytes=self._policy.budget(capacity),
                 used_bytes=sum(r.nbytes for r in residents if r.node_id == node_id),
                 pinned_bytes=sum(r.nbytes for r in residents if r.node_id == node_id and (r.pinned or r.loading)),
-                models=[
-                    ResidentModel(
-                        model_id=r.model_id, namespace_id=namespaces.get(r.model_id, ""), nbytes=r.nbytes,
-                        pinned=r.pinned, loading=r.loading, last_used=r.last_used, idle_ttl_seconds=r.idle_ttl_seconds,
-                    )
-                    for r in residents if r.node_id == node_id
-                ],
+                models=[r for r in residents if r.node_id == node_id],
             )
             for node_id, capacity in capacities.items()
         ]
@@ -446,7 +437,7 @@ class ModelCache:
             load.model_id, decision.node_id, needs,
             pinned=options.default_pin if options.pin is None else options.pin,
             idle_ttl_seconds=options.default_idle_ttl_seconds if options.idle_ttl_seconds is None else options.idle_ttl_seconds,
-            now=time.time(),
+            now=time.time(), namespace_id=load.namespace_id,
         )
         load.node_id = decision.node_id
         for victim in decision.evict:

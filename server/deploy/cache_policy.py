@@ -28,6 +28,7 @@ class Resident:
     idle_ttl_seconds: float = 0.0
     """Undeployed after this long unused; 0 keeps it until evicted or undeployed."""
     loading: bool = False
+    namespace_id: str = ""
 
 
 @dataclass(frozen=True)
@@ -101,10 +102,14 @@ class CachePolicy:
             return best
         return largest or Refusal(needs=nbytes, budget=0, pinned=0, capacity=0)
 
-    def reserve(self, model_id: str, node_id: str, nbytes: int, *, pinned: bool, idle_ttl_seconds: float, now: float) -> None:
+    def reserve(
+        self, model_id: str, node_id: str, nbytes: int, *, pinned: bool, idle_ttl_seconds: float, now: float,
+        namespace_id: str = "",
+    ) -> None:
         """Counts a load under way against its node (it cannot be evicted while it loads)."""
         self._residents[model_id] = Resident(
-            model_id, node_id, nbytes, pinned=pinned, last_used=now, idle_ttl_seconds=idle_ttl_seconds, loading=True
+            model_id, node_id, nbytes, pinned=pinned, last_used=now, idle_ttl_seconds=idle_ttl_seconds, loading=True,
+            namespace_id=namespace_id,
         )
         self._residents.move_to_end(model_id)
 

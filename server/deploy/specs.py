@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from server.deploy.cache_policy import Resident
 from server.settings import Settings
 
 S3_STORE = "s3"
@@ -99,20 +100,6 @@ class DeployOptions:
 
 
 @dataclass(frozen=True)
-class ResidentModel:
-    """A model in a node's object store, as the cache reports it."""
-
-    model_id: str
-    namespace_id: str
-    nbytes: int
-    pinned: bool
-    loading: bool
-    last_used: float
-    """Epoch seconds of its last deploy or plugin load."""
-    idle_ttl_seconds: float
-
-
-@dataclass(frozen=True)
 class NodeUsage:
     """One Ray node's object store, as the model cache manages it."""
 
@@ -121,7 +108,8 @@ class NodeUsage:
     budget_bytes: int
     used_bytes: int
     pinned_bytes: int
-    models: list[ResidentModel]
+    models: list[Resident]
+    """Every resident model of the node, least recently used first."""
 
 
 LOAD_SECONDS_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
