@@ -98,6 +98,7 @@ class ModelCache:
         self._progress: dict[str, asyncio.Queue[dict[str, Any]]] = {}
         self._loads_started = 0
         self._mongo: AsyncMongoClient[dict[str, Any]] | None = None
+        self._retired_clients: set[asyncio.Task[None]] = set()
         self._models: ModelRepository | None = None
         self._deployments: DeploymentRepository | None = None
 
@@ -118,7 +119,11 @@ class ModelCache:
         old_client, self._mongo = self._mongo, None
         self._models = self._deployments = None
         if old_client is not None:
-            await old_client.close()
+            # Closing ends the old client's server sessions: a round trip to the old address,
+            # where another program may now listen and never answer. Not on this call's path.
+            closing = asyncio.create_task(_close_quietly(old_client, self._config.mongodb_timeout_seconds))
+            self._retired_clients.add(closing)
+            closing.add_done_callback(self._retired_clients.discard)
         return True
 
     async def deploy(self, model_id: str, is_async: bool, options: DeployOptions | None = None) -> DeployTicket:
@@ -505,6 +510,13 @@ class ModelCache:
 
 
 _STAGE_OF_STATE = {"queued": "schedule", "downloading": "download", "verifying": "verify", "decoding": "decode", "caching": "cache"}
+
+
+async def _close_quietly(client: AsyncMongoClient[dict[str, Any]], timeout_seconds: float) -> None:
+    try:
+        await asyncio.wait_for(client.close(), timeout_seconds)
+    except Exception:  # the client is dropped either way; nothing waits for this
+        logger.info("the previous MongoDB client did not close cleanly", exc_info=True)
 
 
 def _stage_name(state: str) -> str:
