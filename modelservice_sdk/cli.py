@@ -107,6 +107,11 @@ def _parser() -> argparse.ArgumentParser:
     deploy.add_argument(
         "--idle-ttl", type=float, default=None, metavar="SECONDS", help="undeploy after this long unused (0: never)"
     )
+    deploy.add_argument(
+        "--node", dest="node_ids", action="append", default=[], metavar="NODE_ID",
+        help="load on this Ray node (repeat for a choice of nodes)",
+    )
+    deploy.add_argument("--all-nodes", action="store_true", help="put a copy in every node's object store")
     watch = commands.add_parser("watch", parents=[common], help="follow a deployment live")
     watch.add_argument("model_id")
     watch.add_argument("--task", default="", help="a deploy task id (default: the latest)")
@@ -140,6 +145,7 @@ async def run(arguments: argparse.Namespace, out: TextIO, err: TextIO) -> int:
             response = await client.deploy_model(
                 arguments.namespace, arguments.model_id, wait=not arguments.no_wait,
                 pin=arguments.pin, idle_ttl_seconds=arguments.idle_ttl,
+                node_ids=arguments.node_ids, all_nodes=arguments.all_nodes,
             )
             _show(response, arguments, out, _describe_deploy)
             return EXIT_OK if response.success else EXIT_REFUSED

@@ -218,10 +218,11 @@ class ModelServiceClient:
         pin: bool | None = None,
         idle_ttl_seconds: float | None = None,
         node_ids: list[str] | None = None,
+        all_nodes: bool = False,
     ) -> pb.DeployModelResponse:
         request = pb.DeployModelRequest(
             namespace_id=namespace_id, model_id=model_id, wait=wait, pin=pin, idle_ttl_seconds=idle_ttl_seconds,
-            node_ids=node_ids or [],
+            node_ids=node_ids or [], all_nodes=all_nodes,
         )
         response: pb.DeployModelResponse = await self._unary(self.stub.DeployModel, request)
         return response

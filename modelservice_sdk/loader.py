@@ -117,8 +117,10 @@ def _cache_actor(name: str) -> Any:
 def _load(cache: Any, model_id: str, namespace_id: str | None) -> NamespaceModel:
     import ray
 
-    refs: list[Any] | None = ray.get(cache.lookup.remote(model_id, namespace_id))
+    # The caller's node: where a copy of the weights is zero-copy (deployed with all_nodes).
+    node_id = ray.get_runtime_context().get_node_id()
+    refs: list[Any] | None = ray.get(cache.lookup.remote(model_id, namespace_id, node_id))
     if refs is None:
-        refs = ray.get(cache.ensure.remote(model_id, namespace_id))
+        refs = ray.get(cache.ensure.remote(model_id, namespace_id, node_id))
     model: NamespaceModel = ray.get(refs[0])
     return model

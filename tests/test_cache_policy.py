@@ -12,7 +12,7 @@ ONE_NODE = {"node-a": 100 * MIB}  # budget 50 MiB at fraction 0.5
 
 def _loaded(policy: CachePolicy, model_id: str, nbytes: int, now: float, *, node: str = "node-a", pinned: bool = False, ttl: float = 0) -> None:
     policy.reserve(model_id, node, nbytes, pinned=pinned, idle_ttl_seconds=ttl, now=now)
-    policy.loaded(model_id, node, nbytes)
+    policy.loaded(model_id, node, node, nbytes)
 
 
 def test_a_model_that_fits_is_placed_without_evictions() -> None:
@@ -77,3 +77,35 @@ def test_a_later_deploy_can_pin_a_cached_model() -> None:
 def test_the_budget_fraction_is_validated() -> None:
     with pytest.raises(ValueError):
         CachePolicy(1.5)
+
+
+def test_copies_on_two_nodes_are_evicted_each_on_its_own_node() -> None:
+    policy = CachePolicy(0.5)
+    two_nodes = {"node-a": 100 * MIB, "node-b": 100 * MIB}
+    _loaded(policy, "everywhere", 30 * MIB, now=0, node="node-a")
+    _loaded(policy, "everywhere", 30 * MIB, now=0, node="node-b")
+    _loaded(policy, "recent", 20 * MIB, now=5, node="node-b")
+    # node-b must lose its copy of "everywhere" (least recently used there); node-a keeps its own.
+    placement = policy.place(25 * MIB, {"node-b": two_nodes["node-b"]})
+    assert isinstance(placement, Placement)
+    assert [(r.model_id, r.node_id) for r in placement.evict] == [("everywhere", "node-b")]
+    policy.remove_copy("everywhere", "node-b")
+    assert [r.node_id for r in policy.copies("everywhere")] == ["node-a"]
+
+
+def test_a_use_touches_every_copy_and_a_removal_forgets_them_all() -> None:
+    policy = CachePolicy(0.5)
+    _loaded(policy, "everywhere", MIB, now=0, node="node-a", ttl=60)
+    _loaded(policy, "everywhere", MIB, now=0, node="node-b", ttl=60)
+    policy.touch("everywhere", now=50)
+    assert policy.idle(now=100) == []
+    assert {r.node_id for r in policy.idle(now=110)} == {"node-a", "node-b"}
+    assert {r.node_id for r in policy.remove("everywhere")} == {"node-a", "node-b"}
+    assert policy.residents() == []
+
+
+def test_a_load_that_ran_on_another_node_is_counted_where_it_ran() -> None:
+    policy = CachePolicy(0.5)
+    policy.reserve("moved", "node-a", 10 * MIB, pinned=False, idle_ttl_seconds=0, now=0)
+    policy.loaded("moved", "node-a", "node-b", 12 * MIB)
+    assert [(r.node_id, r.nbytes, r.loading) for r in policy.copies("moved")] == [("node-b", 12 * MIB, False)]

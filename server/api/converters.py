@@ -75,6 +75,7 @@ def deploy_options(request: pb.DeployModelRequest) -> DeployOptions:
         pin=request.pin if request.HasField("pin") else None,
         idle_ttl_seconds=request.idle_ttl_seconds if request.HasField("idle_ttl_seconds") else None,
         node_ids=tuple(request.node_ids),
+        all_nodes=request.all_nodes,
     )
 
 

@@ -13,6 +13,7 @@ service replicas, watchers and waiters follow a deployment.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 import uuid
@@ -24,7 +25,7 @@ from pymongo import AsyncMongoClient
 from modelservice_sdk.model import ModelNotAvailable
 from server.core.models import BASE_IMAGES, DeploymentInfo, DeploymentStatus, StoredModel, utc_now
 from server.deploy.cache_policy import CachePolicy, Refusal, Resident
-from server.deploy.load_task import remote_load
+from server.deploy.load_task import remote_copy, remote_load
 from server.deploy.specs import (
     LOADING,
     NOT_CACHED,
@@ -77,11 +78,19 @@ class _Load:
     runner: asyncio.Task[None] | None = None  # held so the event loop cannot drop the task
 
 
-@dataclass(frozen=True)
+@dataclass
 class _Entry:
-    ref: Any  # ray.ObjectRef of the NamespaceModel
+    copies: dict[str, Any]
+    """Node id → ray.ObjectRef of the NamespaceModel whose primary copy is on that node."""
     namespace_id: str
     task_id: str
+    info: DeploymentInfo
+
+    def ref_for(self, node_id: str | None) -> Any:
+        """The copy on the caller's node if there is one (zero-copy), else any."""
+        if node_id is not None and node_id in self.copies:
+            return self.copies[node_id]
+        return next(iter(self.copies.values()))
 
 
 class ModelCache:
@@ -98,7 +107,7 @@ class ModelCache:
         self._progress: dict[str, asyncio.Queue[dict[str, Any]]] = {}
         self._loads_started = 0
         self._mongo: AsyncMongoClient[dict[str, Any]] | None = None
-        self._retired_clients: set[asyncio.Task[None]] = set()
+        self._background: set[asyncio.Task[Any]] = set()
         self._models: ModelRepository | None = None
         self._deployments: DeploymentRepository | None = None
 
@@ -121,9 +130,7 @@ class ModelCache:
         if old_client is not None:
             # Closing ends the old client's server sessions: a round trip to the old address,
             # where another program may now listen and never answer. Not on this call's path.
-            closing = asyncio.create_task(_close_quietly(old_client, self._config.mongodb_timeout_seconds))
-            self._retired_clients.add(closing)
-            closing.add_done_callback(self._retired_clients.discard)
+            self._start_background(_close_quietly(old_client, self._config.mongodb_timeout_seconds))
         return True
 
     async def deploy(self, model_id: str, is_async: bool, options: DeployOptions | None = None) -> DeployTicket:
@@ -138,6 +145,9 @@ class ModelCache:
         if entry is not None:
             self._policy.set_options(model_id, pinned=options.pin, idle_ttl_seconds=options.idle_ttl_seconds)
             self._policy.touch(model_id, time.time())
+            if options.all_nodes:
+                # Nodes that joined since (or lost their copy) get one, in the background.
+                self._start_background(self._add_missing_copies(model_id, entry))
             return DeployTicket(task_id=entry.task_id, cached=True)
         running = self._loading.get(model_id)
         if running is not None:
@@ -162,17 +172,24 @@ class ModelCache:
         load.runner = asyncio.create_task(self._run(load, model))
         return DeployTicket(task_id=load.task_id, cached=False)
 
-    async def lookup(self, model_id: str, namespace_id: str | None = None) -> list[Any] | None:
-        """`[ref]` of a cached model (a list, so Ray does not resolve the ref), or None."""
+    async def lookup(
+        self, model_id: str, namespace_id: str | None = None, node_id: str | None = None
+    ) -> list[Any] | None:
+        """`[ref]` of a cached model (a list, so Ray does not resolve the ref), or None.
+
+        `node_id` is the caller's node: the copy there, if any, is the zero-copy one.
+        """
         entry = self._entries.get(model_id)
         if entry is None or (namespace_id is not None and entry.namespace_id != namespace_id):
             return None
         # Every plugin load comes through here: the LRU clock costs no extra round trip.
         self._policy.touch(model_id, time.time())
         self._counters.add(self._counters.lookups, "hit")
-        return [entry.ref]
+        return [entry.ref_for(node_id)]
 
-    async def ensure(self, model_id: str, namespace_id: str | None = None) -> list[Any]:
+    async def ensure(
+        self, model_id: str, namespace_id: str | None = None, node_id: str | None = None
+    ) -> list[Any]:
         """On-demand load for plugins: deploys if needed, waits, returns `[ref]`."""
         if namespace_id is not None:
             models, _ = await self._repositories()
@@ -187,7 +204,7 @@ class ModelCache:
         if entry is None:
             reason = load.error if load is not None else "unknown"
             raise ModelNotAvailable(f"model {model_id!r} could not be loaded: {reason}")
-        return [entry.ref]
+        return [entry.ref_for(node_id)]
 
     async def touch(self, model_id: str) -> None:
         """A use of a model a plugin process still held (no answer awaited)."""
@@ -400,27 +417,97 @@ class ModelCache:
 
     async def _cache(self, load: _Load, model: StoredModel, weights_ref: Any, summary: LoadSummary) -> None:
         models, _ = await self._repositories()
-        self._entries[load.model_id] = _Entry(ref=weights_ref, namespace_id=load.namespace_id, task_id=load.task_id)
-        self._policy.loaded(load.model_id, summary.node_id or load.node_id, summary.nbytes)
-        self._counters.add(self._counters.loads, "deployed")
+        node_id = summary.node_id or load.node_id
         now = utc_now()
+        info = DeploymentInfo(
+            ray_cluster_url=self._config.ray_cluster_url,
+            ray_deployment_name=cache_actor_name(self._config.database),
+            endpoint=plugin_endpoint(load.model_id),
+            base_image=BASE_IMAGES[model.metadata.model_format],
+            deployed_at=now,
+            node_ids=(node_id,),
+        )
+        entry = _Entry(copies={node_id: weights_ref}, namespace_id=load.namespace_id, task_id=load.task_id, info=info)
+        self._entries[load.model_id] = entry
+        self._policy.loaded(load.model_id, load.node_id, node_id, summary.nbytes)
+        message = f"{summary.nbytes} bytes in the object store after {summary.seconds:.2f}s"
+        if load.options.all_nodes:
+            await self._record(load, "caching", message="copying the weights into every node's object store")
+            skipped = await self._copy_to_every_node(load.model_id, entry)
+            message += f"; a copy on each of {len(entry.copies)} nodes" + "".join(f"; {note}" for note in skipped)
+        self._counters.add(self._counters.loads, "deployed")
         await models.set_deployment(
-            load.model_id,
-            status=DeploymentStatus.DEPLOYED,
-            info=DeploymentInfo(
-                ray_cluster_url=self._config.ray_cluster_url,
-                ray_deployment_name=cache_actor_name(self._config.database),
-                endpoint=plugin_endpoint(load.model_id),
-                base_image=BASE_IMAGES[model.metadata.model_format],
-                deployed_at=now,
-                node_ids=(summary.node_id or load.node_id,),
-            ),
-            now=now,
+            load.model_id, status=DeploymentStatus.DEPLOYED,
+            info=dataclasses.replace(info, node_ids=tuple(entry.copies)), now=now,
         )
-        await self._record(
-            load, "deployed",
-            message=f"{summary.nbytes} bytes in the object store after {summary.seconds:.2f}s",
-        )
+        await self._record(load, "deployed", message=message)
+
+    async def _add_missing_copies(self, model_id: str, entry: _Entry) -> None:
+        """`all_nodes` on a model already cached: copies for the nodes without one."""
+        try:
+            skipped = await self._copy_to_every_node(model_id, entry)
+            if self._entries.get(model_id) is entry:
+                models, _ = await self._repositories()
+                await models.set_deployment(model_id, status=DeploymentStatus.DEPLOYED, info=entry.info, now=utc_now())
+            for note in skipped:
+                logger.warning("model %s: %s", model_id, note)
+        except Exception:
+            logger.exception("could not copy model %s to every node", model_id)
+
+    async def _copy_to_every_node(self, model_id: str, entry: _Entry) -> list[str]:
+        """Puts a copy of the weights, owned by this actor, in the object store of every
+        alive node that lacks one (plugins there are zero-copy from their first call).
+
+        Each copy is admitted on its node like a load (its LRU models may be evicted to
+        make room); a node that cannot take it is skipped. Returns why nodes were skipped.
+        """
+        import ray
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        skipped: list[str] = []
+        capacities = await self._object_store_capacities()
+        for node_id, capacity in capacities.items():
+            template = next(iter(self._policy.copies(model_id)), None)
+            if node_id in entry.copies or template is None or self._entries.get(model_id) is not entry:
+                continue  # already there, or the model was undeployed meanwhile
+            decision = self._policy.place(template.nbytes, {node_id: capacity})
+            if isinstance(decision, Refusal):
+                self._counters.admission_refusals += 1
+                skipped.append(f"no copy on node {node_id}: {decision.message}")
+                continue
+            for victim in decision.evict:
+                self._policy.remove_copy(victim.model_id, victim.node_id)
+            self._policy.reserve(
+                model_id, node_id, template.nbytes, pinned=template.pinned,
+                idle_ttl_seconds=template.idle_ttl_seconds, now=time.time(), namespace_id=entry.namespace_id,
+            )
+            for victim in decision.evict:
+                await self._unload(
+                    victim, "evicted",
+                    f"evicted from node {node_id} to make room for a copy of model {model_id}: least recently used, "
+                    f"{victim.nbytes} bytes freed; it loads again on demand",
+                )
+            copy: Any = ray.remote(remote_copy)
+            copy_ref, nbytes_ref = copy.options(
+                num_returns=2, max_retries=0, num_cpus=0,
+                scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False),
+            ).remote([entry.ref_for(None)])
+            try:
+                # Only the small second result comes here: the copy stays on its node.
+                nbytes = await asyncio.wrap_future(nbytes_ref.future())
+            except Exception as error:
+                self._policy.remove_copy(model_id, node_id)
+                logger.warning("no copy of model %s on node %s: %s", model_id, node_id, error)
+                skipped.append(f"no copy on node {node_id}: {_crash_message(error)}")
+                continue
+            if self._entries.get(model_id) is not entry:  # undeployed while copying
+                self._policy.remove_copy(model_id, node_id)
+                break
+            entry.copies[node_id] = copy_ref
+            self._policy.loaded(model_id, node_id, node_id, nbytes)
+        if self._entries.get(model_id) is entry:
+            entry.info = dataclasses.replace(entry.info, node_ids=tuple(entry.copies))
+        return skipped
 
     async def _admit(self, load: _Load, model: StoredModel) -> bool:
         """Finds room in a node's object-store budget, evicting least recently used models
@@ -436,7 +523,7 @@ class ModelCache:
             return False
         # Applied before the next await, so that concurrent loads plan with this one's room.
         for victim in decision.evict:
-            self._policy.remove(victim.model_id)
+            self._policy.remove_copy(victim.model_id, victim.node_id)
         options = load.options
         self._policy.reserve(
             load.model_id, decision.node_id, needs,
@@ -454,15 +541,21 @@ class ModelCache:
         return True
 
     async def _unload(self, resident: Resident, state: str, message: str) -> None:
-        """Drops a cached model (Ray frees its memory once no plugin still reads it) and
-        says so on the model and on its deployment's event stream."""
-        entry = self._entries.pop(resident.model_id, None)
-        self._policy.remove(resident.model_id)
-        if entry is None:
+        """Drops one copy of a cached model (Ray frees its memory once no plugin still reads
+        it). When it was the last copy, the model is no longer deployed: said on the model
+        and on its deployment's event stream."""
+        self._policy.remove_copy(resident.model_id, resident.node_id)
+        entry = self._entries.get(resident.model_id)
+        if entry is None or entry.copies.pop(resident.node_id, None) is None:
             return
-        logger.info("model %s %s: %s", resident.model_id, state, message)
+        logger.info("model %s %s on node %s: %s", resident.model_id, state, resident.node_id, message)
         self._counters.add(self._counters.evictions, "lru" if state == "evicted" else "idle_ttl")
         models, deployments = await self._repositories()
+        if entry.copies:  # other nodes still hold it: still deployed, on fewer nodes
+            entry.info = dataclasses.replace(entry.info, node_ids=tuple(entry.copies))
+            await models.set_deployment(resident.model_id, status=DeploymentStatus.DEPLOYED, info=entry.info, now=utc_now())
+            return
+        del self._entries[resident.model_id]
         await models.set_deployment(
             resident.model_id, status=DeploymentStatus.NOT_DEPLOYED, info=None, now=utc_now(), error=f"{state}: {message}"
         )
@@ -481,6 +574,12 @@ class ModelCache:
             capacities = await asyncio.to_thread(_object_store_capacities)
             self._capacities = (time.time(), capacities)
         return capacities
+
+    def _start_background(self, work: Any) -> None:
+        """Runs a coroutine nobody awaits, holding the task so the loop cannot drop it."""
+        task = asyncio.create_task(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     def _start_idle_sweeper(self) -> None:
         if self._idle_sweeper is None or self._idle_sweeper.done():

@@ -7,6 +7,9 @@ The scarce resource is each Ray node's object store. Models get a budget on ever
 fraction of its capacity: the rest stays free for plugins' own objects, so the store never
 has to spill). A model is admitted on a node if it fits in that node's budget once the
 least recently used unpinned models there are evicted; pinned bytes are never evicted.
+
+A model may have a copy on several nodes (deployed with `all_nodes`): each copy is a
+resident of its own node, evicted on its own; the model stays deployed while one is left.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from dataclasses import dataclass, field
 
 @dataclass
 class Resident:
-    """A model whose weights are (or are being loaded) in a node's object store."""
+    """A copy of a model's weights that is (or is being loaded) in a node's object store."""
 
     model_id: str
     node_id: str
@@ -64,8 +67,8 @@ class CachePolicy:
         if not 0 < budget_fraction <= 1:
             raise ValueError("the object-store budget fraction must be in (0, 1]")
         self._fraction = budget_fraction
-        # Least recently used first: a use moves a model to the end.
-        self._residents: collections.OrderedDict[str, Resident] = collections.OrderedDict()
+        # Least recently used first: a use moves a model's copies to the end.
+        self._residents: collections.OrderedDict[tuple[str, str], Resident] = collections.OrderedDict()
 
     def budget(self, capacity: int) -> int:
         return int(capacity * self._fraction)
@@ -106,41 +109,53 @@ class CachePolicy:
         self, model_id: str, node_id: str, nbytes: int, *, pinned: bool, idle_ttl_seconds: float, now: float,
         namespace_id: str = "",
     ) -> None:
-        """Counts a load under way against its node (it cannot be evicted while it loads)."""
-        self._residents[model_id] = Resident(
+        """Counts a load (or a copy) under way against its node; it cannot be evicted while
+        it loads."""
+        key = (model_id, node_id)
+        self._residents[key] = Resident(
             model_id, node_id, nbytes, pinned=pinned, last_used=now, idle_ttl_seconds=idle_ttl_seconds, loading=True,
             namespace_id=namespace_id,
         )
-        self._residents.move_to_end(model_id)
+        self._residents.move_to_end(key)
 
-    def loaded(self, model_id: str, node_id: str, nbytes: int) -> None:
-        """The load finished: its real size and node replace the estimate."""
-        resident = self._residents.get(model_id)
+    def loaded(self, model_id: str, planned_node_id: str, node_id: str, nbytes: int) -> None:
+        """The load finished on `node_id` (Ray may have run it elsewhere than planned): its
+        real size and node replace the reservation."""
+        resident = self._residents.pop((model_id, planned_node_id), None)
         if resident is not None:
             resident.node_id, resident.nbytes, resident.loading = node_id, nbytes, False
+            self._residents[(model_id, node_id)] = resident
 
     def touch(self, model_id: str, now: float) -> None:
-        resident = self._residents.get(model_id)
-        if resident is not None:
+        for resident in self.copies(model_id):
             resident.last_used = now
-            self._residents.move_to_end(model_id)
+            self._residents.move_to_end((model_id, resident.node_id))
 
     def set_options(self, model_id: str, *, pinned: bool | None, idle_ttl_seconds: float | None) -> None:
         """A deploy of a model already cached may pin, unpin or change its idle time-out."""
-        resident = self._residents.get(model_id)
-        if resident is None:
-            return
-        if pinned is not None:
-            resident.pinned = pinned
-        if idle_ttl_seconds is not None:
-            resident.idle_ttl_seconds = idle_ttl_seconds
+        for resident in self.copies(model_id):
+            if pinned is not None:
+                resident.pinned = pinned
+            if idle_ttl_seconds is not None:
+                resident.idle_ttl_seconds = idle_ttl_seconds
 
-    def remove(self, model_id: str) -> Resident | None:
-        return self._residents.pop(model_id, None)
+    def copies(self, model_id: str) -> list[Resident]:
+        """The model's copies, one per node holding (or loading) it."""
+        return [r for (held_id, _), r in self._residents.items() if held_id == model_id]
+
+    def remove(self, model_id: str) -> list[Resident]:
+        """Forgets every copy of the model."""
+        removed = self.copies(model_id)
+        for resident in removed:
+            del self._residents[(model_id, resident.node_id)]
+        return removed
+
+    def remove_copy(self, model_id: str, node_id: str) -> Resident | None:
+        return self._residents.pop((model_id, node_id), None)
 
     def idle(self, now: float) -> list[Resident]:
-        """Residents unused for longer than their idle time-out (pinned ones included:
-        a time-out is an explicit request)."""
+        """Copies unused for longer than their idle time-out (pinned ones included: a
+        time-out is an explicit request)."""
         return [
             r for r in self._residents.values()
             if not r.loading and r.idle_ttl_seconds > 0 and now - r.last_used >= r.idle_ttl_seconds

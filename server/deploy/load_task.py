@@ -124,3 +124,15 @@ def remote_load(spec: LoadSpec, cache: Any) -> tuple[NamespaceModel | None, Load
         ray.get(cache.report.remote(spec.task_id, event))
 
     return run_load(spec, report, node_id=ray.get_runtime_context().get_node_id())
+
+
+def remote_copy(source: list[Any]) -> tuple[NamespaceModel, int]:
+    """Body of the Ray task that puts a copy of cached weights on the node it runs on.
+
+    The model it returns is stored in this node's object store, owned by the cache actor
+    that submitted the task; the second result (its size) is all the actor fetches.
+    """
+    import ray
+
+    model: NamespaceModel = ray.get(source[0])
+    return model, model.nbytes

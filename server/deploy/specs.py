@@ -94,6 +94,8 @@ class DeployOptions:
     idle_ttl_seconds: float | None = None
     node_ids: tuple[str, ...] = ()
     """Ray nodes the load may go to (empty: any)."""
+    all_nodes: bool = False
+    """Also put a copy in the object store of every other alive node."""
     default_pin: bool = False
     default_idle_ttl_seconds: float = 0.0
     """The namespace's defaults, for a new load whose request left pin or the time-out unset."""

@@ -205,6 +205,38 @@ def ray_head(
         yield f"{LOOPBACK}:{port}"
 
 
+@contextlib.contextmanager
+def ray_worker_node(
+    head_address: str, log_dir: Path, *, object_store_bytes: int, num_cpus: int, resources: dict[str, float],
+    env: dict[str, str] | None = None,
+) -> Iterator[str]:
+    """One more Ray node on this machine, joined to the head at `head_address` (tests of
+    placement): its own raylet and object store, stopped when the context ends.
+
+    Yields the port of its node manager; `resources` lets callers schedule onto it.
+    """
+    import json
+
+    node_manager_port = free_port()
+    command = [
+        executable("ray"), "start", "--block", f"--address={head_address}",
+        "--node-ip-address", LOOPBACK,
+        f"--object-store-memory={object_store_bytes}", f"--num-cpus={num_cpus}",
+        f"--resources={json.dumps(resources)}", "--disable-usage-stats",
+        f"--node-manager-port={node_manager_port}",
+    ]
+    for option in (
+        "--dashboard-agent-listen-port", "--dashboard-agent-grpc-port", "--runtime-env-agent-port",
+        "--metrics-export-port", "--object-manager-port",
+    ):
+        command.append(f"{option}={free_port()}")
+    with running_process(
+        command, port=node_manager_port, log_path=log_dir / "ray-worker-node.log", env=env, startup_timeout=90,
+        cwd=empty_working_directory(log_dir),
+    ):
+        yield str(node_manager_port)
+
+
 def empty_working_directory(parent: Path) -> Path:
     """Where Ray processes start: Ray workers inherit it, and it must hold nothing (a
     relative path resolved by a library in a load task finds no file of the service)."""

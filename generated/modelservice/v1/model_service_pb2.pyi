@@ -619,6 +619,7 @@ class DeployModelRequest(_message.Message):
     PIN_FIELD_NUMBER: _builtins.int
     IDLE_TTL_SECONDS_FIELD_NUMBER: _builtins.int
     NODE_IDS_FIELD_NUMBER: _builtins.int
+    ALL_NODES_FIELD_NUMBER: _builtins.int
     namespace_id: _builtins.str
     """Namespace that owns the model."""
     model_id: _builtins.str
@@ -635,6 +636,12 @@ class DeployModelRequest(_message.Message):
     """Undeploy the model after this many seconds without a deploy or a plugin load
     (0 or unset: keep it until evicted or undeployed).
     """
+    all_nodes: _builtins.bool
+    """Also put a copy of the weights in the object store of every other alive node, so
+    plugins on any node are zero-copy from their first call. Each copy is admitted on its
+    node like a load; a node without room is skipped (the deploy's message says so).
+    On a model already cached, adds copies on the nodes that lack one, in the background.
+    """
     @_builtins.property
     def node_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Load the weights on one of these Ray nodes (OpenSearch's `node_ids`); empty: the
@@ -650,10 +657,11 @@ class DeployModelRequest(_message.Message):
         pin: _builtins.bool | None = ...,
         idle_ttl_seconds: _builtins.float | None = ...,
         node_ids: _abc.Iterable[_builtins.str] | None = ...,
+        all_nodes: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_idle_ttl_seconds", b"_idle_ttl_seconds", "_pin", b"_pin", "_wait", b"_wait", "idle_ttl_seconds", b"idle_ttl_seconds", "pin", b"pin", "wait", b"wait"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_idle_ttl_seconds", b"_idle_ttl_seconds", "_pin", b"_pin", "_wait", b"_wait", "idle_ttl_seconds", b"idle_ttl_seconds", "model_id", b"model_id", "namespace_id", b"namespace_id", "node_ids", b"node_ids", "pin", b"pin", "wait", b"wait"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_idle_ttl_seconds", b"_idle_ttl_seconds", "_pin", b"_pin", "_wait", b"_wait", "all_nodes", b"all_nodes", "idle_ttl_seconds", b"idle_ttl_seconds", "model_id", b"model_id", "namespace_id", b"namespace_id", "node_ids", b"node_ids", "pin", b"pin", "wait", b"wait"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__idle_ttl_seconds: _TypeAlias = _typing.Literal["idle_ttl_seconds"]  # noqa: Y015
     _WhichOneofArgType__idle_ttl_seconds: _TypeAlias = _typing.Literal["_idle_ttl_seconds", b"_idle_ttl_seconds"]  # noqa: Y015
