@@ -48,7 +48,7 @@ def load_namespace_model(
 
     if not ray.is_initialized():
         ray.init(address="auto", namespace=CACHE_NAMESPACE, log_to_driver=False)
-    name = f"model-cache-{database or os.environ.get('MODELSERVICE_MONGODB_DATABASE') or DEFAULT_DATABASE}"
+    name = cache_name(database)
     key = (name, model_id, namespace_id)
     held = _held.get(key)
     if held is not None:
@@ -64,6 +64,11 @@ def load_namespace_model(
         model = _load(_cache_actor(name), model_id, namespace_id)
     _held[key] = model
     return model
+
+
+def cache_name(database: str | None = None) -> str:
+    """The Ray name of the model cache of the service deployment using `database`."""
+    return f"model-cache-{database or os.environ.get('MODELSERVICE_MONGODB_DATABASE') or DEFAULT_DATABASE}"
 
 
 _held: weakref.WeakValueDictionary[tuple[str, str, str | None], NamespaceModel] = weakref.WeakValueDictionary()

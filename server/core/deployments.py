@@ -10,13 +10,13 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import math
-import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Protocol
 
 from server.core import quotas
 from server.core.catalog import ModelCatalog
+from server.core.deployment_feed import DeploymentFeed
 from server.core.models import DeploymentStatus, utc_now
 from server.core.tenancy import TenancyService
 from server.deploy.specs import LOADING, UNDEPLOYED, DeployOptions, DeployTicket, NodeUsage
@@ -78,6 +78,7 @@ class DeploymentService:
         self._deployments = deployments
         self._cluster = cluster
         self._timing = timing
+        self._feed = DeploymentFeed(deployments, timing.poll_seconds)
 
     async def deploy(
         self, bearer_token: str | None, namespace_id: str, model_id: str, wait: bool, options: DeployOptions
@@ -170,31 +171,32 @@ class DeploymentService:
                 raise DeployTaskNotFound(f"deploy task {task_id!r} is not a deployment of model {model_id!r}", id=task_id)
         else:
             task = await self.latest_task(bearer_token, namespace_id, model_id)
-        cursor = after_sequence
-        if after_sequence <= 0:
-            current = await self._deployments.last_event(task.task_id)
-            if current is not None:
+        async with self._feed.follow(task.task_id) as feed:
+            await feed.loaded()
+            cursor = after_sequence
+            if after_sequence <= 0 and feed.events:
+                current = feed.events[-1]
                 yield current
                 if current.terminal:
                     return
                 cursor = current.sequence
-        quiet_since = time.monotonic()
-        while True:
-            # One small read per idle poll: the task mirrors its latest sequence number.
-            latest = await self._deployments.get(task.task_id)
-            if latest is not None and latest.last_sequence > cursor:
-                for event in await self._deployments.events_after(task.task_id, cursor):
+            index = feed.index_after(cursor)
+            while True:
+                change = feed.next_change()
+                while index < len(feed.events):
+                    event = feed.events[index]
+                    index += 1
                     yield event
                     cursor = event.sequence
                     if event.terminal:
                         return
-                quiet_since = time.monotonic()
-            elif latest is None or latest.finished:
-                return  # resumed after the end: nothing left to send
-            elif time.monotonic() - quiet_since >= self._timing.heartbeat_seconds:
-                yield _heartbeat(task, cursor)
-                quiet_since = time.monotonic()
-            await asyncio.sleep(self._timing.poll_seconds)
+                feed.raise_if_failed()
+                if feed.finished:
+                    return  # resumed after the end: nothing left to send
+                try:
+                    await asyncio.wait_for(change.wait(), self._timing.heartbeat_seconds)
+                except TimeoutError:
+                    yield _heartbeat(task, cursor)
 
     async def cache_status(self, bearer_token: str | None, namespace_id: str) -> list[NodeUsage]:
         """Every node's totals, and the namespace's own models only."""
@@ -205,11 +207,16 @@ class DeploymentService:
         ]
 
     async def _wait_until_finished(self, task_id: str) -> DeployTask:
-        while True:
-            task = await self._deployments.get(task_id)
-            if task is not None and task.finished:
-                return task
-            await asyncio.sleep(self._timing.poll_seconds)
+        """Follows the deployment's shared feed (no reads of its own) until the task ends."""
+        async with self._feed.follow(task_id) as feed:
+            while True:
+                change = feed.next_change()
+                feed.raise_if_failed()
+                if feed.task is not None and feed.task.finished:
+                    return feed.task
+                if feed.finished:  # the task vanished (deleted with its model)
+                    raise DeployTaskNotFound(f"deploy task {task_id!r} no longer exists", id=task_id)
+                await change.wait()
 
 
 def _heartbeat(task: DeployTask, sequence: int) -> DeploymentEvent:
