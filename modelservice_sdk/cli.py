@@ -123,11 +123,13 @@ def _parser() -> argparse.ArgumentParser:
     undeploy.add_argument("model_id")
     delete = commands.add_parser("delete", parents=[common], help="delete a model, its archive and cached weights")
     delete.add_argument("model_id")
+    delete.add_argument("--no-wait", action="store_true", help="return at once with the delete task id")
     commands.add_parser("cache", parents=[common], help="show the object store per Ray node and the namespace's cached models")
-    tasks = commands.add_parser("tasks", parents=[common], help="show a deploy task")
+    tasks = commands.add_parser("tasks", parents=[common], help="show a deploy (or delete) task")
     which = tasks.add_mutually_exclusive_group(required=True)
-    which.add_argument("--task", help="deploy task id")
-    which.add_argument("--model", help="model id (its latest deploy task)")
+    which.add_argument("--task", help="task id")
+    which.add_argument("--model", help="model id (its latest task of that kind)")
+    tasks.add_argument("--delete", action="store_true", help="a delete task rather than a deploy task")
     return parser
 
 
@@ -160,13 +162,21 @@ async def run(arguments: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         if command == "cache":
             return _show(await client.get_cache_status(arguments.namespace), arguments, out, _describe_cache)
         if command == "delete":
-            deleted = await client.delete_model(arguments.namespace, arguments.model_id)
-            return _show(deleted, arguments, out, lambda body: str(body["message"]))
-        task = (
-            await client.get_deploy_task(arguments.namespace, arguments.task)
-            if arguments.task
-            else await client.get_model_deploy_status(arguments.namespace, arguments.model)
-        )
+            deleted = await client.delete_model(arguments.namespace, arguments.model_id, wait=not arguments.no_wait)
+            return _show(deleted, arguments, out, lambda body: f"{body['message']} (task {body['task_id']})")
+        task: Any
+        if arguments.delete:
+            task = (
+                await client.get_delete_task(arguments.namespace, arguments.task)
+                if arguments.task
+                else await client.get_model_delete_status(arguments.namespace, arguments.model)
+            )
+        else:
+            task = (
+                await client.get_deploy_task(arguments.namespace, arguments.task)
+                if arguments.task
+                else await client.get_model_deploy_status(arguments.namespace, arguments.model)
+            )
         return _show(task, arguments, out, _describe_task)
 
 

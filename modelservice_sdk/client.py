@@ -199,10 +199,22 @@ class ModelServiceClient:
         response: pb.ListModelsResponse = await self._unary(self.stub.ListModels, request)
         return response
 
-    async def delete_model(self, namespace_id: str, model_id: str) -> pb.DeleteModelResponse:
-        request = pb.DeleteModelRequest(namespace_id=namespace_id, model_id=model_id)
+    async def delete_model(self, namespace_id: str, model_id: str, *, wait: bool = True) -> pb.DeleteModelResponse:
+        request = pb.DeleteModelRequest(namespace_id=namespace_id, model_id=model_id, wait=wait)
         response: pb.DeleteModelResponse = await self._unary(self.stub.DeleteModel, request)
         return response
+
+    async def get_delete_task(self, namespace_id: str, task_id: str) -> pb.DeleteTask:
+        task: pb.DeleteTask = await self._unary(
+            self.stub.GetDeleteTask, pb.GetDeleteTaskRequest(namespace_id=namespace_id, task_id=task_id)
+        )
+        return task
+
+    async def get_model_delete_status(self, namespace_id: str, model_id: str) -> pb.DeleteTask:
+        task: pb.DeleteTask = await self._unary(
+            self.stub.GetModelDeleteStatus, pb.GetModelDeleteStatusRequest(namespace_id=namespace_id, model_id=model_id)
+        )
+        return task
 
     async def undeploy_model(self, namespace_id: str, model_id: str) -> pb.UndeployModelResponse:
         request = pb.UndeployModelRequest(namespace_id=namespace_id, model_id=model_id)

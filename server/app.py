@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
 import logging
 from types import TracebackType
 from typing import Any
@@ -36,6 +37,7 @@ from server.metrics import CacheMetrics, serve_metrics
 from server.deploy.cluster import RayModelCluster
 from server.deploy.specs import CacheConfig, StoreConfig
 from server.embedded.processes import embedded_mongodb, ensure_ray_head
+from server.persistence.delete_tasks import DeleteTaskRepository
 from server.persistence.deployments import DeploymentRepository
 from server.persistence.mongo import ModelRepository, TenancyRepository, connect, database
 from server.settings import Settings
@@ -96,9 +98,11 @@ class ModelServiceApp:
         models = ModelRepository(db)
         tenancy_repository = TenancyRepository(db)
         deployment_repository = DeploymentRepository(db, settings.deploy_task_retention_seconds)
+        delete_tasks = DeleteTaskRepository(db, datetime.timedelta(seconds=settings.deploy_task_retention_seconds))
         await models.ensure_indexes()
         await tenancy_repository.ensure_indexes()
         await deployment_repository.ensure_indexes()
+        await delete_tasks.ensure_indexes()
 
         self.store = await self._open_store()
         self.tenancy = TenancyService(tenancy_repository)
@@ -118,7 +122,7 @@ class ModelServiceApp:
         )
         self.cluster = await self._start_cluster()
         self.catalog = ModelCatalog(self.tenancy, models)
-        self.deletions = DeletionService(self.tenancy, models, self.store, self.cluster)
+        self.deletions = DeletionService(self.tenancy, models, self.store, self.cluster, delete_tasks)
         self.janitor = Janitor(models, self.store, self.deletions, settings.upload_lease_seconds)
         janitor_task = asyncio.create_task(self.janitor.run_forever(settings.janitor_interval_seconds))
         self._stack.push_async_callback(_cancel, janitor_task)

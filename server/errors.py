@@ -81,6 +81,11 @@ class DeployTaskNotFound(ModelServiceError):
     kind = ErrorKind.NOT_FOUND
 
 
+class DeleteTaskNotFound(ModelServiceError):
+    reason = "DELETE_TASK_NOT_FOUND"
+    kind = ErrorKind.NOT_FOUND
+
+
 class ModelAlreadyExists(ModelServiceError):
     reason = "MODEL_ALREADY_EXISTS"
     kind = ErrorKind.CONFLICT

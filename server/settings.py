@@ -74,12 +74,13 @@ class Settings:
     dependency_probe_timeout_seconds: float = 3.0
     """A MongoDB or archive store probe that takes longer than this counts as down."""
 
-    watch_poll_seconds: float = 0.2
-    """How often watchers and waiters look for new deployment events in MongoDB."""
+    watch_poll_seconds: float = 0.05
+    """How often the feed of a followed deployment reads MongoDB for new events: one reader
+    per deployment and replica, however many watchers and waiting deploys follow it."""
     watch_heartbeat_seconds: float = 15.0
     """An idle watch stream gets a heartbeat event this often."""
     deploy_task_retention_seconds: float = 7 * 24 * 3600.0
-    """Finished deploy tasks, and deployment events, are removed this long after (TTL index)."""
+    """Finished deploy and delete tasks, and deployment events, are removed this long after (TTL index)."""
 
     data_dir: Path = Path(".modelservice")
     """Where embedded servers and the local archive store keep their files."""

@@ -14,6 +14,8 @@ from server.core.deployments import DeployOutcome, UndeployOutcome
 from server.core.models import DeploymentStatus, StoredModel
 from server.core.validation import UploadDeclaration
 from server.deploy.specs import DeployOptions, NodeUsage
+from server.persistence.delete_tasks import TASK_TYPE as DELETE_TASK_TYPE
+from server.persistence.delete_tasks import DeleteTask
 from server.persistence.deployments import TASK_TYPE, DeploymentEvent, DeployTask
 
 
@@ -211,11 +213,28 @@ def model_page(page: ModelPage) -> pb.ListModelsResponse:
     )
 
 
-def delete_response(model: StoredModel) -> pb.DeleteModelResponse:
+def delete_response(task: DeleteTask) -> pb.DeleteModelResponse:
+    message = (
+        "the model was deleted with its archive and cached weights" if task.finished
+        else f"deletion {task.task_id} is under way; follow it with GetDeleteTask"
+    )
     return pb.DeleteModelResponse(
-        success=True,
-        model_id=model.model_id,
-        message=f"model {model.metadata.name}:{model.metadata.version} deleted with its archive and cached weights",
+        success=True, model_id=task.model_id, message=message, task_id=task.task_id, state=task.state
+    )
+
+
+def delete_rest_metadata(task: DeleteTask) -> tuple[tuple[str, str], ...]:
+    """A deletion still under way answers REST callers 202 Accepted."""
+    return () if task.finished else ((HTTP_STATUS_METADATA_KEY, "202"),)
+
+
+def delete_task(task: DeleteTask) -> pb.DeleteTask:
+    params = struct_pb2.Struct()
+    params.update(task.params or {})
+    return pb.DeleteTask(
+        task_id=task.task_id, model_id=task.model_id, namespace_id=task.namespace_id, task_type=DELETE_TASK_TYPE,
+        state=task.state, stage=task.stage, create_time=timestamp(task.create_time),
+        last_update_time=timestamp(task.last_update_time), error=task.error, is_async=task.is_async, params=params,
     )
 
 

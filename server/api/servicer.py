@@ -52,8 +52,18 @@ class ModelServiceServicer(pb_grpc.ModelServiceServicer):
 
     async def DeleteModel(self, request: pb.DeleteModelRequest, context: Context) -> pb.DeleteModelResponse:
         token = _api_key(context)
-        model = await self._deletions.delete(token, request.namespace_id, request.model_id)
-        return converters.delete_response(model)
+        wait = request.wait if request.HasField("wait") else True
+        task = await self._deletions.delete(token, request.namespace_id, request.model_id, wait=wait)
+        await context.send_initial_metadata(converters.delete_rest_metadata(task))
+        return converters.delete_response(task)
+
+    async def GetDeleteTask(self, request: pb.GetDeleteTaskRequest, context: Context) -> pb.DeleteTask:
+        task = await self._deletions.get_task(_api_key(context), request.namespace_id, request.task_id)
+        return converters.delete_task(task)
+
+    async def GetModelDeleteStatus(self, request: pb.GetModelDeleteStatusRequest, context: Context) -> pb.DeleteTask:
+        task = await self._deletions.latest_task(_api_key(context), request.namespace_id, request.model_id)
+        return converters.delete_task(task)
 
     async def UndeployModel(self, request: pb.UndeployModelRequest, context: Context) -> pb.UndeployModelResponse:
         token = _api_key(context)

@@ -491,21 +491,29 @@ class DeleteModelRequest(_message.Message):
 
     NAMESPACE_ID_FIELD_NUMBER: _builtins.int
     MODEL_ID_FIELD_NUMBER: _builtins.int
+    WAIT_FIELD_NUMBER: _builtins.int
     namespace_id: _builtins.str
     """Namespace that owns the model."""
     model_id: _builtins.str
     """Model to delete."""
+    wait: _builtins.bool
+    """Wait for the deletion to end (default true). With false, the answer comes at once
+    (REST: 202) with the delete task's id to follow with GetDeleteTask.
+    """
     def __init__(
         self,
         *,
         namespace_id: _builtins.str = ...,
         model_id: _builtins.str = ...,
+        wait: _builtins.bool | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_wait", b"_wait", "wait", b"wait"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["model_id", b"model_id", "namespace_id", b"namespace_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_wait", b"_wait", "model_id", b"model_id", "namespace_id", b"namespace_id", "wait", b"wait"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__wait: _TypeAlias = _typing.Literal["wait"]  # noqa: Y015
+    _WhichOneofArgType__wait: _TypeAlias = _typing.Literal["_wait", b"_wait"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__wait) -> _WhichOneofReturnType__wait | None: ...
 
 Global___DeleteModelRequest: _TypeAlias = DeleteModelRequest  # noqa: Y015
 
@@ -518,26 +526,154 @@ class DeleteModelResponse(_message.Message):
     SUCCESS_FIELD_NUMBER: _builtins.int
     MODEL_ID_FIELD_NUMBER: _builtins.int
     MESSAGE_FIELD_NUMBER: _builtins.int
+    TASK_ID_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
     success: _builtins.bool
     """Always true in a response."""
     model_id: _builtins.str
     """The deleted model."""
     message: _builtins.str
-    """What was removed."""
+    """What was removed (or, without waiting, that the deletion is under way)."""
+    task_id: _builtins.str
+    """The delete task."""
+    state: _builtins.str
+    """The delete task's state: "COMPLETED", or "CREATED"/"RUNNING" without waiting."""
     def __init__(
         self,
         *,
         success: _builtins.bool = ...,
         model_id: _builtins.str = ...,
         message: _builtins.str = ...,
+        task_id: _builtins.str = ...,
+        state: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["message", b"message", "model_id", b"model_id", "success", b"success"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["message", b"message", "model_id", b"model_id", "state", b"state", "success", b"success", "task_id", b"task_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___DeleteModelResponse: _TypeAlias = DeleteModelResponse  # noqa: Y015
+
+@_typing.final
+class GetDeleteTaskRequest(_message.Message):
+    """Request of GetDeleteTask."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAMESPACE_ID_FIELD_NUMBER: _builtins.int
+    TASK_ID_FIELD_NUMBER: _builtins.int
+    namespace_id: _builtins.str
+    """Namespace that owns the task."""
+    task_id: _builtins.str
+    """Delete task id."""
+    def __init__(
+        self,
+        *,
+        namespace_id: _builtins.str = ...,
+        task_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["namespace_id", b"namespace_id", "task_id", b"task_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetDeleteTaskRequest: _TypeAlias = GetDeleteTaskRequest  # noqa: Y015
+
+@_typing.final
+class GetModelDeleteStatusRequest(_message.Message):
+    """Request of GetModelDeleteStatus."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAMESPACE_ID_FIELD_NUMBER: _builtins.int
+    MODEL_ID_FIELD_NUMBER: _builtins.int
+    namespace_id: _builtins.str
+    """Namespace that owned the model."""
+    model_id: _builtins.str
+    """Model id (its latest delete task)."""
+    def __init__(
+        self,
+        *,
+        namespace_id: _builtins.str = ...,
+        model_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model_id", b"model_id", "namespace_id", b"namespace_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetModelDeleteStatusRequest: _TypeAlias = GetModelDeleteStatusRequest  # noqa: Y015
+
+@_typing.final
+class DeleteTask(_message.Message):
+    """A deletion (the public API's deletion task): stages undeploy, archive, document."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TASK_ID_FIELD_NUMBER: _builtins.int
+    MODEL_ID_FIELD_NUMBER: _builtins.int
+    NAMESPACE_ID_FIELD_NUMBER: _builtins.int
+    TASK_TYPE_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    STAGE_FIELD_NUMBER: _builtins.int
+    CREATE_TIME_FIELD_NUMBER: _builtins.int
+    LAST_UPDATE_TIME_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    IS_ASYNC_FIELD_NUMBER: _builtins.int
+    PARAMS_FIELD_NUMBER: _builtins.int
+    task_id: _builtins.str
+    """Task id."""
+    model_id: _builtins.str
+    """Model id."""
+    namespace_id: _builtins.str
+    """Namespace id."""
+    task_type: _builtins.str
+    """"DELETE_MODEL"."""
+    state: _builtins.str
+    """"CREATED", "RUNNING", "COMPLETED" or "FAILED"."""
+    stage: _builtins.str
+    """The stage under way ("undeploy", "archive", "document"), "done" once completed."""
+    error: _builtins.str
+    """For a failed task: "<stage>: <reason>: <message>"."""
+    is_async: _builtins.bool
+    """True when the caller did not wait for the end."""
+    @_builtins.property
+    def create_time(self) -> _timestamp_pb2.Timestamp:
+        """When the task was created."""
+
+    @_builtins.property
+    def last_update_time(self) -> _timestamp_pb2.Timestamp:
+        """Last change of the task."""
+
+    @_builtins.property
+    def params(self) -> _struct_pb2.Struct:
+        """Free-form parameters sent with the deletion."""
+
+    def __init__(
+        self,
+        *,
+        task_id: _builtins.str = ...,
+        model_id: _builtins.str = ...,
+        namespace_id: _builtins.str = ...,
+        task_type: _builtins.str = ...,
+        state: _builtins.str = ...,
+        stage: _builtins.str = ...,
+        create_time: _timestamp_pb2.Timestamp | None = ...,
+        last_update_time: _timestamp_pb2.Timestamp | None = ...,
+        error: _builtins.str = ...,
+        is_async: _builtins.bool = ...,
+        params: _struct_pb2.Struct | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "last_update_time", b"last_update_time", "params", b"params"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "error", b"error", "is_async", b"is_async", "last_update_time", b"last_update_time", "model_id", b"model_id", "namespace_id", b"namespace_id", "params", b"params", "stage", b"stage", "state", b"state", "task_id", b"task_id", "task_type", b"task_type"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteTask: _TypeAlias = DeleteTask  # noqa: Y015
 
 @_typing.final
 class UndeployModelRequest(_message.Message):

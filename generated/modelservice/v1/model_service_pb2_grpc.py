@@ -84,6 +84,16 @@ class ModelServiceStub:
                 request_serializer=modelservice_dot_v1_dot_model__service__pb2.GetModelDeployStatusRequest.SerializeToString,
                 response_deserializer=modelservice_dot_v1_dot_model__service__pb2.DeployTask.FromString,
                 _registered_method=True)
+        self.GetDeleteTask = channel.unary_unary(
+                '/modelservice.v1.ModelService/GetDeleteTask',
+                request_serializer=modelservice_dot_v1_dot_model__service__pb2.GetDeleteTaskRequest.SerializeToString,
+                response_deserializer=modelservice_dot_v1_dot_model__service__pb2.DeleteTask.FromString,
+                _registered_method=True)
+        self.GetModelDeleteStatus = channel.unary_unary(
+                '/modelservice.v1.ModelService/GetModelDeleteStatus',
+                request_serializer=modelservice_dot_v1_dot_model__service__pb2.GetModelDeleteStatusRequest.SerializeToString,
+                response_deserializer=modelservice_dot_v1_dot_model__service__pb2.DeleteTask.FromString,
+                _registered_method=True)
         self.GetCacheStatus = channel.unary_unary(
                 '/modelservice.v1.ModelService/GetCacheStatus',
                 request_serializer=modelservice_dot_v1_dot_model__service__pb2.GetCacheStatusRequest.SerializeToString,
@@ -135,7 +145,9 @@ class ModelServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def DeleteModel(self, request, context):
-        """Deletes a model: its cached weights, its stored archive and its document.
+        """Deletes a model: its cached weights, its stored archive and its document, as a
+        delete task (stages undeploy, archive, document) that ends even if this replica
+        dies. Waits for the end by default; `wait: false` answers at once with the task id.
         FAILED_PRECONDITION (MODEL_DEPLOYING) while a deployment of it is under way.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -181,6 +193,20 @@ class ModelServiceServicer:
 
     def GetModelDeployStatus(self, request, context):
         """Returns the latest deploy task of a model (its deployment status).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetDeleteTask(self, request, context):
+        """A delete task by id.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetModelDeleteStatus(self, request, context):
+        """The latest delete task of a model (the model itself may be gone).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -241,6 +267,16 @@ def add_ModelServiceServicer_to_server(servicer, server):
                     servicer.GetModelDeployStatus,
                     request_deserializer=modelservice_dot_v1_dot_model__service__pb2.GetModelDeployStatusRequest.FromString,
                     response_serializer=modelservice_dot_v1_dot_model__service__pb2.DeployTask.SerializeToString,
+            ),
+            'GetDeleteTask': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetDeleteTask,
+                    request_deserializer=modelservice_dot_v1_dot_model__service__pb2.GetDeleteTaskRequest.FromString,
+                    response_serializer=modelservice_dot_v1_dot_model__service__pb2.DeleteTask.SerializeToString,
+            ),
+            'GetModelDeleteStatus': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetModelDeleteStatus,
+                    request_deserializer=modelservice_dot_v1_dot_model__service__pb2.GetModelDeleteStatusRequest.FromString,
+                    response_serializer=modelservice_dot_v1_dot_model__service__pb2.DeleteTask.SerializeToString,
             ),
             'GetCacheStatus': grpc.unary_unary_rpc_method_handler(
                     servicer.GetCacheStatus,
@@ -496,6 +532,60 @@ class ModelService:
             '/modelservice.v1.ModelService/GetModelDeployStatus',
             modelservice_dot_v1_dot_model__service__pb2.GetModelDeployStatusRequest.SerializeToString,
             modelservice_dot_v1_dot_model__service__pb2.DeployTask.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetDeleteTask(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/modelservice.v1.ModelService/GetDeleteTask',
+            modelservice_dot_v1_dot_model__service__pb2.GetDeleteTaskRequest.SerializeToString,
+            modelservice_dot_v1_dot_model__service__pb2.DeleteTask.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetModelDeleteStatus(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/modelservice.v1.ModelService/GetModelDeleteStatus',
+            modelservice_dot_v1_dot_model__service__pb2.GetModelDeleteStatusRequest.SerializeToString,
+            modelservice_dot_v1_dot_model__service__pb2.DeleteTask.FromString,
             options,
             channel_credentials,
             insecure,

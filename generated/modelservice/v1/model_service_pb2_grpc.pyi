@@ -69,7 +69,9 @@ class ModelServiceStub:
     ListModels: _grpc.UnaryUnaryMultiCallable[_model_service_pb2.ListModelsRequest, _model_service_pb2.ListModelsResponse]
     """Lists the namespace's models, ordered by model id, a page at a time."""
     DeleteModel: _grpc.UnaryUnaryMultiCallable[_model_service_pb2.DeleteModelRequest, _model_service_pb2.DeleteModelResponse]
-    """Deletes a model: its cached weights, its stored archive and its document.
+    """Deletes a model: its cached weights, its stored archive and its document, as a
+    delete task (stages undeploy, archive, document) that ends even if this replica
+    dies. Waits for the end by default; `wait: false` answers at once with the task id.
     FAILED_PRECONDITION (MODEL_DEPLOYING) while a deployment of it is under way.
     """
     DeployModel: _grpc.UnaryUnaryMultiCallable[_model_service_pb2.DeployModelRequest, _model_service_pb2.DeployModelResponse]
@@ -94,6 +96,10 @@ class ModelServiceStub:
     """Returns one deploy task by its id."""
     GetModelDeployStatus: _grpc.UnaryUnaryMultiCallable[_model_service_pb2.GetModelDeployStatusRequest, _model_service_pb2.DeployTask]
     """Returns the latest deploy task of a model (its deployment status)."""
+    GetDeleteTask: _grpc.UnaryUnaryMultiCallable[_model_service_pb2.GetDeleteTaskRequest, _model_service_pb2.DeleteTask]
+    """A delete task by id."""
+    GetModelDeleteStatus: _grpc.UnaryUnaryMultiCallable[_model_service_pb2.GetModelDeleteStatusRequest, _model_service_pb2.DeleteTask]
+    """The latest delete task of a model (the model itself may be gone)."""
     GetCacheStatus: _grpc.UnaryUnaryMultiCallable[_model_service_pb2.GetCacheStatusRequest, _model_service_pb2.CacheStatus]
     """Shows the model cache per Ray node: object-store capacity, the budget for models,
     what is used and pinned, and the caller's namespace's models there (bytes, last use).
@@ -132,7 +138,9 @@ class ModelServiceAsyncStub(ModelServiceStub):
     ListModels: _aio.UnaryUnaryMultiCallable[_model_service_pb2.ListModelsRequest, _model_service_pb2.ListModelsResponse]  # type: ignore[assignment]
     """Lists the namespace's models, ordered by model id, a page at a time."""
     DeleteModel: _aio.UnaryUnaryMultiCallable[_model_service_pb2.DeleteModelRequest, _model_service_pb2.DeleteModelResponse]  # type: ignore[assignment]
-    """Deletes a model: its cached weights, its stored archive and its document.
+    """Deletes a model: its cached weights, its stored archive and its document, as a
+    delete task (stages undeploy, archive, document) that ends even if this replica
+    dies. Waits for the end by default; `wait: false` answers at once with the task id.
     FAILED_PRECONDITION (MODEL_DEPLOYING) while a deployment of it is under way.
     """
     DeployModel: _aio.UnaryUnaryMultiCallable[_model_service_pb2.DeployModelRequest, _model_service_pb2.DeployModelResponse]  # type: ignore[assignment]
@@ -157,6 +165,10 @@ class ModelServiceAsyncStub(ModelServiceStub):
     """Returns one deploy task by its id."""
     GetModelDeployStatus: _aio.UnaryUnaryMultiCallable[_model_service_pb2.GetModelDeployStatusRequest, _model_service_pb2.DeployTask]  # type: ignore[assignment]
     """Returns the latest deploy task of a model (its deployment status)."""
+    GetDeleteTask: _aio.UnaryUnaryMultiCallable[_model_service_pb2.GetDeleteTaskRequest, _model_service_pb2.DeleteTask]  # type: ignore[assignment]
+    """A delete task by id."""
+    GetModelDeleteStatus: _aio.UnaryUnaryMultiCallable[_model_service_pb2.GetModelDeleteStatusRequest, _model_service_pb2.DeleteTask]  # type: ignore[assignment]
+    """The latest delete task of a model (the model itself may be gone)."""
     GetCacheStatus: _aio.UnaryUnaryMultiCallable[_model_service_pb2.GetCacheStatusRequest, _model_service_pb2.CacheStatus]  # type: ignore[assignment]
     """Shows the model cache per Ray node: object-store capacity, the budget for models,
     what is used and pinned, and the caller's namespace's models there (bytes, last use).
@@ -216,7 +228,9 @@ class ModelServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _model_service_pb2.DeleteModelRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_model_service_pb2.DeleteModelResponse, _abc.Awaitable[_model_service_pb2.DeleteModelResponse]]:
-        """Deletes a model: its cached weights, its stored archive and its document.
+        """Deletes a model: its cached weights, its stored archive and its document, as a
+        delete task (stages undeploy, archive, document) that ends even if this replica
+        dies. Waits for the end by default; `wait: false` answers at once with the task id.
         FAILED_PRECONDITION (MODEL_DEPLOYING) while a deployment of it is under way.
         """
 
@@ -271,6 +285,22 @@ class ModelServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_model_service_pb2.DeployTask, _abc.Awaitable[_model_service_pb2.DeployTask]]:
         """Returns the latest deploy task of a model (its deployment status)."""
+
+    @_abc_1.abstractmethod
+    def GetDeleteTask(
+        self,
+        request: _model_service_pb2.GetDeleteTaskRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_model_service_pb2.DeleteTask, _abc.Awaitable[_model_service_pb2.DeleteTask]]:
+        """A delete task by id."""
+
+    @_abc_1.abstractmethod
+    def GetModelDeleteStatus(
+        self,
+        request: _model_service_pb2.GetModelDeleteStatusRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_model_service_pb2.DeleteTask, _abc.Awaitable[_model_service_pb2.DeleteTask]]:
+        """The latest delete task of a model (the model itself may be gone)."""
 
     @_abc_1.abstractmethod
     def GetCacheStatus(
