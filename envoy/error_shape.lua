@@ -16,6 +16,14 @@ local PATH_FIELDS = {
   { name = "namespace_id", pattern = "^/v1/namespaces/[^/]+" },
   { name = "model_id", pattern = "^/v1/namespaces/[^/]+/models/[^/]+" },
   { name = "task_id", pattern = "^/v1/namespaces/[^/]+/deploy_tasks/[^/]+" },
+  { name = "task_id", pattern = "^/v1/namespaces/[^/]+/delete_tasks/[^/]+" },
+  -- The seeds' own routes (seed 004, seed 003).
+  { name = "task_id", pattern = "^/deploy/[^/]+" },
+  { name = "task_id", pattern = "^/delete/[^/]+" },
+  { name = "model_id", pattern = "^/deploy%-status/[^/]+" },
+  { name = "model_id", pattern = "^/delete%-status/[^/]+" },
+  { name = "model_id", pattern = "^/_plugins/_ml/models/[^/]+" },
+  { name = "task_id", pattern = "^/_plugins/_ml/tasks/[^/]+" },
 }
 
 local function url_decode(text)

@@ -134,7 +134,7 @@ class ModelServiceApp:
             WatchTiming(poll_seconds=settings.watch_poll_seconds, heartbeat_seconds=settings.watch_heartbeat_seconds),
         )
 
-        await self._start_grpc(ModelServiceServicer(self.uploads, self.catalog, self.deployments, self.deletions))
+        await self._start_grpc(ModelServiceServicer(self.tenancy, self.uploads, self.catalog, self.deployments, self.deletions))
         probe_budget = settings.dependency_probe_timeout_seconds
         self.dependencies = DependencyMonitor(
             {

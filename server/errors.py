@@ -86,6 +86,13 @@ class DeleteTaskNotFound(ModelServiceError):
     kind = ErrorKind.NOT_FOUND
 
 
+class TaskNotFound(ModelServiceError):
+    """Neither a deploy nor a delete task (OpenSearch's tasks API covers both)."""
+
+    reason = "TASK_NOT_FOUND"
+    kind = ErrorKind.NOT_FOUND
+
+
 class ModelAlreadyExists(ModelServiceError):
     reason = "MODEL_ALREADY_EXISTS"
     kind = ErrorKind.CONFLICT

@@ -19,6 +19,11 @@ from server.persistence.delete_tasks import DeleteTask
 from server.persistence.deployments import TASK_TYPE, DeploymentEvent, DeployTask
 
 
+def api_key(context: Any) -> str | None:
+    """The API key of a call (its gRPC servicer context)."""
+    return bearer_token(context.invocation_metadata())
+
+
 def bearer_token(metadata: Iterable[tuple[str, str | bytes]] | None) -> str | None:
     """The API key of `authorization: Bearer <key>` metadata, or None."""
     for key, value in metadata or ():
@@ -43,8 +48,8 @@ def declaration_from_request(request: pb.UploadModelRequest) -> UploadDeclaratio
         num_gpus=request.num_gpus if request.HasField("num_gpus") else None,
         memory_gb=request.memory_gb if request.HasField("memory_gb") else None,
         expected_sha256=request.expected_sha256,
-        input_schema=_dict_or_none(request, "input_schema"),
-        output_schema=_dict_or_none(request, "output_schema"),
+        input_schema=struct_field(request, "input_schema"),
+        output_schema=struct_field(request, "output_schema"),
     )
 
 
@@ -72,12 +77,16 @@ def cache_status(nodes: list[NodeUsage]) -> pb.CacheStatus:
     )
 
 
-def deploy_options(request: pb.DeployModelRequest) -> DeployOptions:
+def deploy_options(request: pb.DeployModelRequest | pb.InferenceDeployRequest | pb.MlCommonsDeployRequest) -> DeployOptions:
+    """The typed options of any deploy request (fields a request lacks are left unset)."""
+    if isinstance(request, pb.MlCommonsDeployRequest):
+        return DeployOptions(node_ids=tuple(request.node_ids))
     return DeployOptions(
         pin=request.pin if request.HasField("pin") else None,
         idle_ttl_seconds=request.idle_ttl_seconds if request.HasField("idle_ttl_seconds") else None,
         node_ids=tuple(request.node_ids),
         all_nodes=request.all_nodes,
+        config=struct_field(request, "config"),
     )
 
 
@@ -144,12 +153,19 @@ def timestamp(moment: datetime.datetime) -> timestamp_pb2.Timestamp:
     return stamp
 
 
-def _dict_or_none(message: Any, field: str) -> dict[str, Any] | None:
+def struct_field(message: Any, field: str) -> dict[str, Any] | None:
+    """A google.protobuf.Struct field as a dict (None when unset)."""
     if not message.HasField(field):
         return None
     value: struct_pb2.Struct = getattr(message, field)
     converted: dict[str, Any] = json_format.MessageToDict(value)
     return converted
+
+
+def struct_value(value: dict[str, Any] | None) -> struct_pb2.Struct:
+    struct = struct_pb2.Struct()
+    struct.update(value or {})
+    return struct
 
 
 def deploy_response(outcome: DeployOutcome) -> pb.DeployModelResponse:
@@ -188,6 +204,7 @@ def deploy_task(task: DeployTask) -> pb.DeployTask:
         last_update_time=timestamp(task.last_update_time),
         error=task.error,
         is_async=task.is_async,
+        config=struct_value(task.config),
     )
 
 
@@ -229,12 +246,10 @@ def delete_rest_metadata(task: DeleteTask) -> tuple[tuple[str, str], ...]:
 
 
 def delete_task(task: DeleteTask) -> pb.DeleteTask:
-    params = struct_pb2.Struct()
-    params.update(task.params or {})
     return pb.DeleteTask(
         task_id=task.task_id, model_id=task.model_id, namespace_id=task.namespace_id, task_type=DELETE_TASK_TYPE,
         state=task.state, stage=task.stage, create_time=timestamp(task.create_time),
-        last_update_time=timestamp(task.last_update_time), error=task.error, is_async=task.is_async, params=params,
+        last_update_time=timestamp(task.last_update_time), error=task.error, is_async=task.is_async, params=struct_value(task.params),
     )
 
 

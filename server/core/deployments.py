@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import math
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -24,6 +25,8 @@ from server.errors import DeployTaskNotFound, InvalidArgument, ModelDeploying
 from server.persistence.deployments import COMPLETED, DeploymentEvent, DeploymentRepository, DeployTask
 
 HEARTBEAT = "heartbeat"
+MAX_CONFIG_JSON_BYTES = 64 * 1024
+"""A deploy's free-form config is a record on its task, not a payload store."""
 
 
 class ModelCluster(Protocol):
@@ -89,6 +92,11 @@ class DeploymentService:
         ):
             usage = await self._catalog.usage(namespace_id)
             quotas.check_deploy(namespace, usage, model.weights_bytes)
+        if options.config and len(json.dumps(options.config)) > MAX_CONFIG_JSON_BYTES:
+            raise InvalidArgument(
+                f"config is larger than {MAX_CONFIG_JSON_BYTES} bytes as JSON", field="config",
+                limit=MAX_CONFIG_JSON_BYTES,
+            )
         if options.idle_ttl_seconds is not None and not (
             math.isfinite(options.idle_ttl_seconds) and options.idle_ttl_seconds >= 0
         ):

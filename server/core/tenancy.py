@@ -68,6 +68,20 @@ class TenancyService:
             )
         return namespace
 
+    async def namespace_of(self, bearer_token: str | None, namespace_id: str) -> str:
+        """The namespace of a call whose path names none (the seeds' own routes): the one
+        given, else the key's namespace when the key acts for exactly one."""
+        if namespace_id:
+            return namespace_id
+        caller = await self.authenticate(bearer_token)
+        if len(caller.namespaces) == 1:
+            return next(iter(caller.namespaces))
+        raise InvalidArgument(
+            "this API key acts for several namespaces: say which one with namespace_id "
+            "(a body field or a query parameter)",
+            field="namespace_id",
+        )
+
     async def create_namespace(self, namespace_id: str, tier: Tier) -> Namespace:
         validate_namespace_id(namespace_id)
         return await self._repository.create_namespace(namespace_id, tier, utc_now())

@@ -154,7 +154,7 @@ class CacheCore:
             if model is None:
                 raise ModelNotAvailable(f"model {model_id!r} does not exist")
             load.namespace_id = model.metadata.namespace_id
-            await deployments.create(load.task_id, model_id, load.namespace_id, is_async, utc_now())
+            await deployments.create(load.task_id, model_id, load.namespace_id, is_async, utc_now(), options.config)
             await models.set_deployment(model_id, status=DeploymentStatus.PENDING, info=None, now=utc_now())
             await self._record(load, "queued", message="waiting for Ray resources")
         except BaseException as error:

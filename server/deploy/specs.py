@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from server.deploy.cache_policy import Resident
 from server.settings import Settings
@@ -96,6 +97,8 @@ class DeployOptions:
     """Ray nodes the load may go to (empty: any)."""
     all_nodes: bool = False
     """Also put a copy in the object store of every other alive node."""
+    config: dict[str, Any] | None = None
+    """Free-form deployment parameters, kept on the deploy task."""
     default_pin: bool = False
     default_idle_ttl_seconds: float = 0.0
     """The namespace's defaults, for a new load whose request left pin or the time-out unset."""

@@ -77,6 +77,8 @@ class DeployTask:
     is_async: bool
     error: str = ""
     worker_node: list[str] = field(default_factory=list)
+    config: dict[str, Any] = field(default_factory=dict)
+    """The deploy request's free-form parameters."""
 
     @property
     def finished(self) -> bool:
@@ -102,7 +104,10 @@ class DeploymentRepository:
         await self._tasks.create_index("expire_at", expireAfterSeconds=0, name="retention")
         await self._events.create_index("expire_at", expireAfterSeconds=0, name="retention")
 
-    async def create(self, task_id: str, model_id: str, namespace_id: str, is_async: bool, now: datetime.datetime) -> None:
+    async def create(
+        self, task_id: str, model_id: str, namespace_id: str, is_async: bool, now: datetime.datetime,
+        config: dict[str, Any] | None = None,
+    ) -> None:
         await self._tasks.insert_one(
             {
                 "_id": task_id,
@@ -115,6 +120,7 @@ class DeploymentRepository:
                 "worker_node": [],
                 "error": "",
                 "is_async": is_async,
+                "config": config or {},
                 "create_time": now,
                 "last_update_time": now,
                 # Epoch seconds as well: what range queries compare (see persistence.mongo).
@@ -210,6 +216,7 @@ def _task(document: Document) -> DeployTask:
         is_async=bool(document.get("is_async")),
         error=document.get("error") or "",
         worker_node=list(document.get("worker_node") or []),
+        config=dict(document.get("config") or {}),
     )
 
 

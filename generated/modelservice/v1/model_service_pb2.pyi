@@ -756,6 +756,7 @@ class DeployModelRequest(_message.Message):
     IDLE_TTL_SECONDS_FIELD_NUMBER: _builtins.int
     NODE_IDS_FIELD_NUMBER: _builtins.int
     ALL_NODES_FIELD_NUMBER: _builtins.int
+    CONFIG_FIELD_NUMBER: _builtins.int
     namespace_id: _builtins.str
     """Namespace that owns the model."""
     model_id: _builtins.str
@@ -784,6 +785,13 @@ class DeployModelRequest(_message.Message):
         node that needs the fewest evictions. An unknown or dead node is INVALID_ARGUMENT.
         """
 
+    @_builtins.property
+    def config(self) -> _struct_pb2.Struct:
+        """Free-form deployment parameters (seed 004's `config`), kept on the deploy task and
+        shown with it (at most 64 KiB as JSON). A deploy that finds the model cached
+        creates no task, so its config is not recorded.
+        """
+
     def __init__(
         self,
         *,
@@ -794,10 +802,11 @@ class DeployModelRequest(_message.Message):
         idle_ttl_seconds: _builtins.float | None = ...,
         node_ids: _abc.Iterable[_builtins.str] | None = ...,
         all_nodes: _builtins.bool = ...,
+        config: _struct_pb2.Struct | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_idle_ttl_seconds", b"_idle_ttl_seconds", "_pin", b"_pin", "_wait", b"_wait", "idle_ttl_seconds", b"idle_ttl_seconds", "pin", b"pin", "wait", b"wait"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_idle_ttl_seconds", b"_idle_ttl_seconds", "_pin", b"_pin", "_wait", b"_wait", "config", b"config", "idle_ttl_seconds", b"idle_ttl_seconds", "pin", b"pin", "wait", b"wait"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_idle_ttl_seconds", b"_idle_ttl_seconds", "_pin", b"_pin", "_wait", b"_wait", "all_nodes", b"all_nodes", "idle_ttl_seconds", b"idle_ttl_seconds", "model_id", b"model_id", "namespace_id", b"namespace_id", "node_ids", b"node_ids", "pin", b"pin", "wait", b"wait"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_idle_ttl_seconds", b"_idle_ttl_seconds", "_pin", b"_pin", "_wait", b"_wait", "all_nodes", b"all_nodes", "config", b"config", "idle_ttl_seconds", b"idle_ttl_seconds", "model_id", b"model_id", "namespace_id", b"namespace_id", "node_ids", b"node_ids", "pin", b"pin", "wait", b"wait"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__idle_ttl_seconds: _TypeAlias = _typing.Literal["idle_ttl_seconds"]  # noqa: Y015
     _WhichOneofArgType__idle_ttl_seconds: _TypeAlias = _typing.Literal["_idle_ttl_seconds", b"_idle_ttl_seconds"]  # noqa: Y015
@@ -1033,6 +1042,7 @@ class DeployTask(_message.Message):
     LAST_UPDATE_TIME_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
     IS_ASYNC_FIELD_NUMBER: _builtins.int
+    CONFIG_FIELD_NUMBER: _builtins.int
     task_id: _builtins.str
     """Task id."""
     model_id: _builtins.str
@@ -1061,6 +1071,10 @@ class DeployTask(_message.Message):
     def last_update_time(self) -> _timestamp_pb2.Timestamp:
         """Last change of the task."""
 
+    @_builtins.property
+    def config(self) -> _struct_pb2.Struct:
+        """The deploy request's `config`."""
+
     def __init__(
         self,
         *,
@@ -1075,10 +1089,11 @@ class DeployTask(_message.Message):
         last_update_time: _timestamp_pb2.Timestamp | None = ...,
         error: _builtins.str = ...,
         is_async: _builtins.bool = ...,
+        config: _struct_pb2.Struct | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "last_update_time", b"last_update_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["config", b"config", "create_time", b"create_time", "last_update_time", b"last_update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "error", b"error", "is_async", b"is_async", "last_update_time", b"last_update_time", "model_id", b"model_id", "namespace_id", b"namespace_id", "stage", b"stage", "state", b"state", "task_id", b"task_id", "task_type", b"task_type", "worker_node", b"worker_node"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["config", b"config", "create_time", b"create_time", "error", b"error", "is_async", b"is_async", "last_update_time", b"last_update_time", "model_id", b"model_id", "namespace_id", b"namespace_id", "stage", b"stage", "state", b"state", "task_id", b"task_id", "task_type", b"task_type", "worker_node", b"worker_node"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1221,3 +1236,337 @@ class CachedModel(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___CachedModel: _TypeAlias = CachedModel  # noqa: Y015
+
+@_typing.final
+class InferenceDeployRequest(_message.Message):
+    """Body of POST /deploy (seed 004's ModelDeploymentRequest)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_ID_FIELD_NUMBER: _builtins.int
+    CONFIG_FIELD_NUMBER: _builtins.int
+    NAMESPACE_ID_FIELD_NUMBER: _builtins.int
+    WAIT_FIELD_NUMBER: _builtins.int
+    PIN_FIELD_NUMBER: _builtins.int
+    IDLE_TTL_SECONDS_FIELD_NUMBER: _builtins.int
+    NODE_IDS_FIELD_NUMBER: _builtins.int
+    ALL_NODES_FIELD_NUMBER: _builtins.int
+    model_id: _builtins.str
+    """Model to deploy."""
+    namespace_id: _builtins.str
+    """The namespace, when the API key acts for several."""
+    wait: _builtins.bool
+    """Wait for the deployment to end (default true)."""
+    pin: _builtins.bool
+    """As in DeployModelRequest."""
+    idle_ttl_seconds: _builtins.float
+    all_nodes: _builtins.bool
+    @_builtins.property
+    def config(self) -> _struct_pb2.Struct:
+        """Free-form deployment parameters, kept on the task."""
+
+    @_builtins.property
+    def node_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        model_id: _builtins.str = ...,
+        config: _struct_pb2.Struct | None = ...,
+        namespace_id: _builtins.str = ...,
+        wait: _builtins.bool | None = ...,
+        pin: _builtins.bool | None = ...,
+        idle_ttl_seconds: _builtins.float | None = ...,
+        node_ids: _abc.Iterable[_builtins.str] | None = ...,
+        all_nodes: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_idle_ttl_seconds", b"_idle_ttl_seconds", "_pin", b"_pin", "_wait", b"_wait", "config", b"config", "idle_ttl_seconds", b"idle_ttl_seconds", "pin", b"pin", "wait", b"wait"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_idle_ttl_seconds", b"_idle_ttl_seconds", "_pin", b"_pin", "_wait", b"_wait", "all_nodes", b"all_nodes", "config", b"config", "idle_ttl_seconds", b"idle_ttl_seconds", "model_id", b"model_id", "namespace_id", b"namespace_id", "node_ids", b"node_ids", "pin", b"pin", "wait", b"wait"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__idle_ttl_seconds: _TypeAlias = _typing.Literal["idle_ttl_seconds"]  # noqa: Y015
+    _WhichOneofArgType__idle_ttl_seconds: _TypeAlias = _typing.Literal["_idle_ttl_seconds", b"_idle_ttl_seconds"]  # noqa: Y015
+    _WhichOneofReturnType__pin: _TypeAlias = _typing.Literal["pin"]  # noqa: Y015
+    _WhichOneofArgType__pin: _TypeAlias = _typing.Literal["_pin", b"_pin"]  # noqa: Y015
+    _WhichOneofReturnType__wait: _TypeAlias = _typing.Literal["wait"]  # noqa: Y015
+    _WhichOneofArgType__wait: _TypeAlias = _typing.Literal["_wait", b"_wait"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__idle_ttl_seconds) -> _WhichOneofReturnType__idle_ttl_seconds | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__pin) -> _WhichOneofReturnType__pin | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__wait) -> _WhichOneofReturnType__wait | None: ...
+
+Global___InferenceDeployRequest: _TypeAlias = InferenceDeployRequest  # noqa: Y015
+
+@_typing.final
+class InferenceTaskRequest(_message.Message):
+    """A task id, for the seeds' task routes."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TASK_ID_FIELD_NUMBER: _builtins.int
+    NAMESPACE_ID_FIELD_NUMBER: _builtins.int
+    task_id: _builtins.str
+    """Task id."""
+    namespace_id: _builtins.str
+    """The namespace, when the API key acts for several."""
+    def __init__(
+        self,
+        *,
+        task_id: _builtins.str = ...,
+        namespace_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["namespace_id", b"namespace_id", "task_id", b"task_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___InferenceTaskRequest: _TypeAlias = InferenceTaskRequest  # noqa: Y015
+
+@_typing.final
+class InferenceModelRequest(_message.Message):
+    """A model id, for the seeds' status routes."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_ID_FIELD_NUMBER: _builtins.int
+    NAMESPACE_ID_FIELD_NUMBER: _builtins.int
+    model_id: _builtins.str
+    """Model id."""
+    namespace_id: _builtins.str
+    """The namespace, when the API key acts for several."""
+    def __init__(
+        self,
+        *,
+        model_id: _builtins.str = ...,
+        namespace_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model_id", b"model_id", "namespace_id", b"namespace_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___InferenceModelRequest: _TypeAlias = InferenceModelRequest  # noqa: Y015
+
+@_typing.final
+class InferenceDeleteRequest(_message.Message):
+    """Body of POST /delete (seed 004's ModelDeletionRequest): `model_id` plus free-form
+    parameters.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BODY_FIELD_NUMBER: _builtins.int
+    NAMESPACE_ID_FIELD_NUMBER: _builtins.int
+    namespace_id: _builtins.str
+    """The namespace (query parameter), when the API key acts for several."""
+    @_builtins.property
+    def body(self) -> _struct_pb2.Struct:
+        """The whole JSON body."""
+
+    def __init__(
+        self,
+        *,
+        body: _struct_pb2.Struct | None = ...,
+        namespace_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "namespace_id", b"namespace_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___InferenceDeleteRequest: _TypeAlias = InferenceDeleteRequest  # noqa: Y015
+
+@_typing.final
+class ModelDeploymentResponse(_message.Message):
+    """Seed 004's ModelDeploymentResponse."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TASK_ID_FIELD_NUMBER: _builtins.int
+    STATUS_FIELD_NUMBER: _builtins.int
+    MODEL_ID_FIELD_NUMBER: _builtins.int
+    METADATA_FIELD_NUMBER: _builtins.int
+    task_id: _builtins.str
+    """Deploy task id."""
+    status: _builtins.str
+    """"pending", "in_progress", "completed" or "failed"."""
+    model_id: _builtins.str
+    """Model id."""
+    @_builtins.property
+    def metadata(self) -> _struct_pb2.Struct:
+        """The task's details: namespace_id, stage, error, worker_node, is_async, config,
+        create_time and last_update_time (RFC 3339), and cached (when the answer found the
+        model already deployed).
+        """
+
+    def __init__(
+        self,
+        *,
+        task_id: _builtins.str = ...,
+        status: _builtins.str = ...,
+        model_id: _builtins.str = ...,
+        metadata: _struct_pb2.Struct | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["metadata", b"metadata"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["metadata", b"metadata", "model_id", b"model_id", "status", b"status", "task_id", b"task_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ModelDeploymentResponse: _TypeAlias = ModelDeploymentResponse  # noqa: Y015
+
+@_typing.final
+class ModelDeletionResponse(_message.Message):
+    """Seed 004's ModelDeletionResponse."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TASK_ID_FIELD_NUMBER: _builtins.int
+    STATUS_FIELD_NUMBER: _builtins.int
+    MODEL_ID_FIELD_NUMBER: _builtins.int
+    METADATA_FIELD_NUMBER: _builtins.int
+    task_id: _builtins.str
+    """Delete task id."""
+    status: _builtins.str
+    """"pending", "in_progress", "completed" or "failed"."""
+    model_id: _builtins.str
+    """Model id."""
+    @_builtins.property
+    def metadata(self) -> _struct_pb2.Struct:
+        """The task's details: namespace_id, stage, error, is_async, params, create_time and
+        last_update_time (RFC 3339).
+        """
+
+    def __init__(
+        self,
+        *,
+        task_id: _builtins.str = ...,
+        status: _builtins.str = ...,
+        model_id: _builtins.str = ...,
+        metadata: _struct_pb2.Struct | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["metadata", b"metadata"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["metadata", b"metadata", "model_id", b"model_id", "status", b"status", "task_id", b"task_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ModelDeletionResponse: _TypeAlias = ModelDeletionResponse  # noqa: Y015
+
+@_typing.final
+class MlCommonsDeployRequest(_message.Message):
+    """Body of POST /_plugins/_ml/models/{model_id}/_deploy (optional)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_ID_FIELD_NUMBER: _builtins.int
+    NODE_IDS_FIELD_NUMBER: _builtins.int
+    NAMESPACE_ID_FIELD_NUMBER: _builtins.int
+    model_id: _builtins.str
+    """Model to deploy."""
+    namespace_id: _builtins.str
+    """The namespace, when the API key acts for several."""
+    @_builtins.property
+    def node_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Load on one of these Ray nodes."""
+
+    def __init__(
+        self,
+        *,
+        model_id: _builtins.str = ...,
+        node_ids: _abc.Iterable[_builtins.str] | None = ...,
+        namespace_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model_id", b"model_id", "namespace_id", b"namespace_id", "node_ids", b"node_ids"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MlCommonsDeployRequest: _TypeAlias = MlCommonsDeployRequest  # noqa: Y015
+
+@_typing.final
+class MlCommonsDeployResponse(_message.Message):
+    """OpenSearch's deploy answer."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TASK_ID_FIELD_NUMBER: _builtins.int
+    STATUS_FIELD_NUMBER: _builtins.int
+    task_id: _builtins.str
+    """Deploy task id."""
+    status: _builtins.str
+    """"DEPLOYING", or "COMPLETED" when the model was already deployed."""
+    def __init__(
+        self,
+        *,
+        task_id: _builtins.str = ...,
+        status: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["status", b"status", "task_id", b"task_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MlCommonsDeployResponse: _TypeAlias = MlCommonsDeployResponse  # noqa: Y015
+
+@_typing.final
+class MlCommonsTask(_message.Message):
+    """OpenSearch's task shape (GET /_plugins/_ml/tasks/{task_id})."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_ID_FIELD_NUMBER: _builtins.int
+    TASK_TYPE_FIELD_NUMBER: _builtins.int
+    FUNCTION_NAME_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    WORKER_NODE_FIELD_NUMBER: _builtins.int
+    CREATE_TIME_FIELD_NUMBER: _builtins.int
+    LAST_UPDATE_TIME_FIELD_NUMBER: _builtins.int
+    IS_ASYNC_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    model_id: _builtins.str
+    """Model id."""
+    task_type: _builtins.str
+    """"DEPLOY_MODEL" or "DELETE_MODEL"."""
+    function_name: _builtins.str
+    """The model's task type in upper case (e.g. "TEXT_EMBEDDING"), when the model exists."""
+    state: _builtins.str
+    """"CREATED", "RUNNING", "COMPLETED" or "FAILED"."""
+    create_time: _builtins.float
+    """Epoch milliseconds (a JSON number, as OpenSearch writes it)."""
+    last_update_time: _builtins.float
+    """Epoch milliseconds."""
+    is_async: _builtins.bool
+    """True when the caller did not wait for the end."""
+    error: _builtins.str
+    """For a failed task: "<stage>: <reason>: <message>"."""
+    @_builtins.property
+    def worker_node(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Ray node ids that ran the task."""
+
+    def __init__(
+        self,
+        *,
+        model_id: _builtins.str = ...,
+        task_type: _builtins.str = ...,
+        function_name: _builtins.str = ...,
+        state: _builtins.str = ...,
+        worker_node: _abc.Iterable[_builtins.str] | None = ...,
+        create_time: _builtins.float = ...,
+        last_update_time: _builtins.float = ...,
+        is_async: _builtins.bool = ...,
+        error: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "error", b"error", "function_name", b"function_name", "is_async", b"is_async", "last_update_time", b"last_update_time", "model_id", b"model_id", "state", b"state", "task_type", b"task_type", "worker_node", b"worker_node"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MlCommonsTask: _TypeAlias = MlCommonsTask  # noqa: Y015

@@ -99,6 +99,46 @@ class ModelServiceStub:
                 request_serializer=modelservice_dot_v1_dot_model__service__pb2.GetCacheStatusRequest.SerializeToString,
                 response_deserializer=modelservice_dot_v1_dot_model__service__pb2.CacheStatus.FromString,
                 _registered_method=True)
+        self.InferenceDeploy = channel.unary_unary(
+                '/modelservice.v1.ModelService/InferenceDeploy',
+                request_serializer=modelservice_dot_v1_dot_model__service__pb2.InferenceDeployRequest.SerializeToString,
+                response_deserializer=modelservice_dot_v1_dot_model__service__pb2.ModelDeploymentResponse.FromString,
+                _registered_method=True)
+        self.InferenceGetDeployTask = channel.unary_unary(
+                '/modelservice.v1.ModelService/InferenceGetDeployTask',
+                request_serializer=modelservice_dot_v1_dot_model__service__pb2.InferenceTaskRequest.SerializeToString,
+                response_deserializer=modelservice_dot_v1_dot_model__service__pb2.ModelDeploymentResponse.FromString,
+                _registered_method=True)
+        self.InferenceGetDeployStatus = channel.unary_unary(
+                '/modelservice.v1.ModelService/InferenceGetDeployStatus',
+                request_serializer=modelservice_dot_v1_dot_model__service__pb2.InferenceModelRequest.SerializeToString,
+                response_deserializer=modelservice_dot_v1_dot_model__service__pb2.ModelDeploymentResponse.FromString,
+                _registered_method=True)
+        self.InferenceDelete = channel.unary_unary(
+                '/modelservice.v1.ModelService/InferenceDelete',
+                request_serializer=modelservice_dot_v1_dot_model__service__pb2.InferenceDeleteRequest.SerializeToString,
+                response_deserializer=modelservice_dot_v1_dot_model__service__pb2.ModelDeletionResponse.FromString,
+                _registered_method=True)
+        self.InferenceGetDeleteTask = channel.unary_unary(
+                '/modelservice.v1.ModelService/InferenceGetDeleteTask',
+                request_serializer=modelservice_dot_v1_dot_model__service__pb2.InferenceTaskRequest.SerializeToString,
+                response_deserializer=modelservice_dot_v1_dot_model__service__pb2.ModelDeletionResponse.FromString,
+                _registered_method=True)
+        self.InferenceGetDeleteStatus = channel.unary_unary(
+                '/modelservice.v1.ModelService/InferenceGetDeleteStatus',
+                request_serializer=modelservice_dot_v1_dot_model__service__pb2.InferenceModelRequest.SerializeToString,
+                response_deserializer=modelservice_dot_v1_dot_model__service__pb2.ModelDeletionResponse.FromString,
+                _registered_method=True)
+        self.MlCommonsDeploy = channel.unary_unary(
+                '/modelservice.v1.ModelService/MlCommonsDeploy',
+                request_serializer=modelservice_dot_v1_dot_model__service__pb2.MlCommonsDeployRequest.SerializeToString,
+                response_deserializer=modelservice_dot_v1_dot_model__service__pb2.MlCommonsDeployResponse.FromString,
+                _registered_method=True)
+        self.MlCommonsGetTask = channel.unary_unary(
+                '/modelservice.v1.ModelService/MlCommonsGetTask',
+                request_serializer=modelservice_dot_v1_dot_model__service__pb2.InferenceTaskRequest.SerializeToString,
+                response_deserializer=modelservice_dot_v1_dot_model__service__pb2.MlCommonsTask.FromString,
+                _registered_method=True)
 
 
 class ModelServiceServicer:
@@ -220,6 +260,70 @@ class ModelServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def InferenceDeploy(self, request, context):
+        """----- The Inference Deployment Tasks API's own routes (seed 004) -----------------
+        No namespace in these paths: it comes from the API key when the key is for exactly
+        one namespace, else from a `namespace_id` body field or query parameter.
+
+        Deploys a model and answers with the deployment's outcome (waits by default). A
+        failed deployment answers HTTP 500 with its task in the body.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def InferenceGetDeployTask(self, request, context):
+        """A deployment task by id.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def InferenceGetDeployStatus(self, request, context):
+        """The latest deployment task of a model.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def InferenceDelete(self, request, context):
+        """Deletes a model through a deletion task. The body is `{"model_id": ...}` plus any
+        parameters, which the task keeps; `namespace_id` and `wait` may be among them.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def InferenceGetDeleteTask(self, request, context):
+        """A deletion task by id.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def InferenceGetDeleteStatus(self, request, context):
+        """The latest deletion task of a model.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def MlCommonsDeploy(self, request, context):
+        """----- OpenSearch ML Commons' routes (seed 003); namespace as for seed 004 --------
+
+        Starts a deployment without waiting: `{"task_id", "status"}`.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def MlCommonsGetTask(self, request, context):
+        """A deploy or delete task in OpenSearch's task shape (epoch-millisecond times).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ModelServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -282,6 +386,46 @@ def add_ModelServiceServicer_to_server(servicer, server):
                     servicer.GetCacheStatus,
                     request_deserializer=modelservice_dot_v1_dot_model__service__pb2.GetCacheStatusRequest.FromString,
                     response_serializer=modelservice_dot_v1_dot_model__service__pb2.CacheStatus.SerializeToString,
+            ),
+            'InferenceDeploy': grpc.unary_unary_rpc_method_handler(
+                    servicer.InferenceDeploy,
+                    request_deserializer=modelservice_dot_v1_dot_model__service__pb2.InferenceDeployRequest.FromString,
+                    response_serializer=modelservice_dot_v1_dot_model__service__pb2.ModelDeploymentResponse.SerializeToString,
+            ),
+            'InferenceGetDeployTask': grpc.unary_unary_rpc_method_handler(
+                    servicer.InferenceGetDeployTask,
+                    request_deserializer=modelservice_dot_v1_dot_model__service__pb2.InferenceTaskRequest.FromString,
+                    response_serializer=modelservice_dot_v1_dot_model__service__pb2.ModelDeploymentResponse.SerializeToString,
+            ),
+            'InferenceGetDeployStatus': grpc.unary_unary_rpc_method_handler(
+                    servicer.InferenceGetDeployStatus,
+                    request_deserializer=modelservice_dot_v1_dot_model__service__pb2.InferenceModelRequest.FromString,
+                    response_serializer=modelservice_dot_v1_dot_model__service__pb2.ModelDeploymentResponse.SerializeToString,
+            ),
+            'InferenceDelete': grpc.unary_unary_rpc_method_handler(
+                    servicer.InferenceDelete,
+                    request_deserializer=modelservice_dot_v1_dot_model__service__pb2.InferenceDeleteRequest.FromString,
+                    response_serializer=modelservice_dot_v1_dot_model__service__pb2.ModelDeletionResponse.SerializeToString,
+            ),
+            'InferenceGetDeleteTask': grpc.unary_unary_rpc_method_handler(
+                    servicer.InferenceGetDeleteTask,
+                    request_deserializer=modelservice_dot_v1_dot_model__service__pb2.InferenceTaskRequest.FromString,
+                    response_serializer=modelservice_dot_v1_dot_model__service__pb2.ModelDeletionResponse.SerializeToString,
+            ),
+            'InferenceGetDeleteStatus': grpc.unary_unary_rpc_method_handler(
+                    servicer.InferenceGetDeleteStatus,
+                    request_deserializer=modelservice_dot_v1_dot_model__service__pb2.InferenceModelRequest.FromString,
+                    response_serializer=modelservice_dot_v1_dot_model__service__pb2.ModelDeletionResponse.SerializeToString,
+            ),
+            'MlCommonsDeploy': grpc.unary_unary_rpc_method_handler(
+                    servicer.MlCommonsDeploy,
+                    request_deserializer=modelservice_dot_v1_dot_model__service__pb2.MlCommonsDeployRequest.FromString,
+                    response_serializer=modelservice_dot_v1_dot_model__service__pb2.MlCommonsDeployResponse.SerializeToString,
+            ),
+            'MlCommonsGetTask': grpc.unary_unary_rpc_method_handler(
+                    servicer.MlCommonsGetTask,
+                    request_deserializer=modelservice_dot_v1_dot_model__service__pb2.InferenceTaskRequest.FromString,
+                    response_serializer=modelservice_dot_v1_dot_model__service__pb2.MlCommonsTask.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -613,6 +757,222 @@ class ModelService:
             '/modelservice.v1.ModelService/GetCacheStatus',
             modelservice_dot_v1_dot_model__service__pb2.GetCacheStatusRequest.SerializeToString,
             modelservice_dot_v1_dot_model__service__pb2.CacheStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def InferenceDeploy(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/modelservice.v1.ModelService/InferenceDeploy',
+            modelservice_dot_v1_dot_model__service__pb2.InferenceDeployRequest.SerializeToString,
+            modelservice_dot_v1_dot_model__service__pb2.ModelDeploymentResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def InferenceGetDeployTask(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/modelservice.v1.ModelService/InferenceGetDeployTask',
+            modelservice_dot_v1_dot_model__service__pb2.InferenceTaskRequest.SerializeToString,
+            modelservice_dot_v1_dot_model__service__pb2.ModelDeploymentResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def InferenceGetDeployStatus(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/modelservice.v1.ModelService/InferenceGetDeployStatus',
+            modelservice_dot_v1_dot_model__service__pb2.InferenceModelRequest.SerializeToString,
+            modelservice_dot_v1_dot_model__service__pb2.ModelDeploymentResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def InferenceDelete(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/modelservice.v1.ModelService/InferenceDelete',
+            modelservice_dot_v1_dot_model__service__pb2.InferenceDeleteRequest.SerializeToString,
+            modelservice_dot_v1_dot_model__service__pb2.ModelDeletionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def InferenceGetDeleteTask(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/modelservice.v1.ModelService/InferenceGetDeleteTask',
+            modelservice_dot_v1_dot_model__service__pb2.InferenceTaskRequest.SerializeToString,
+            modelservice_dot_v1_dot_model__service__pb2.ModelDeletionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def InferenceGetDeleteStatus(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/modelservice.v1.ModelService/InferenceGetDeleteStatus',
+            modelservice_dot_v1_dot_model__service__pb2.InferenceModelRequest.SerializeToString,
+            modelservice_dot_v1_dot_model__service__pb2.ModelDeletionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def MlCommonsDeploy(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/modelservice.v1.ModelService/MlCommonsDeploy',
+            modelservice_dot_v1_dot_model__service__pb2.MlCommonsDeployRequest.SerializeToString,
+            modelservice_dot_v1_dot_model__service__pb2.MlCommonsDeployResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def MlCommonsGetTask(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/modelservice.v1.ModelService/MlCommonsGetTask',
+            modelservice_dot_v1_dot_model__service__pb2.InferenceTaskRequest.SerializeToString,
+            modelservice_dot_v1_dot_model__service__pb2.MlCommonsTask.FromString,
             options,
             channel_credentials,
             insecure,

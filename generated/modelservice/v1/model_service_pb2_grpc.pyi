@@ -104,6 +104,33 @@ class ModelServiceStub:
     """Shows the model cache per Ray node: object-store capacity, the budget for models,
     what is used and pinned, and the caller's namespace's models there (bytes, last use).
     """
+    InferenceDeploy: _grpc.UnaryUnaryMultiCallable[_model_service_pb2.InferenceDeployRequest, _model_service_pb2.ModelDeploymentResponse]
+    """----- The Inference Deployment Tasks API's own routes (seed 004) -----------------
+    No namespace in these paths: it comes from the API key when the key is for exactly
+    one namespace, else from a `namespace_id` body field or query parameter.
+
+    Deploys a model and answers with the deployment's outcome (waits by default). A
+    failed deployment answers HTTP 500 with its task in the body.
+    """
+    InferenceGetDeployTask: _grpc.UnaryUnaryMultiCallable[_model_service_pb2.InferenceTaskRequest, _model_service_pb2.ModelDeploymentResponse]
+    """A deployment task by id."""
+    InferenceGetDeployStatus: _grpc.UnaryUnaryMultiCallable[_model_service_pb2.InferenceModelRequest, _model_service_pb2.ModelDeploymentResponse]
+    """The latest deployment task of a model."""
+    InferenceDelete: _grpc.UnaryUnaryMultiCallable[_model_service_pb2.InferenceDeleteRequest, _model_service_pb2.ModelDeletionResponse]
+    """Deletes a model through a deletion task. The body is `{"model_id": ...}` plus any
+    parameters, which the task keeps; `namespace_id` and `wait` may be among them.
+    """
+    InferenceGetDeleteTask: _grpc.UnaryUnaryMultiCallable[_model_service_pb2.InferenceTaskRequest, _model_service_pb2.ModelDeletionResponse]
+    """A deletion task by id."""
+    InferenceGetDeleteStatus: _grpc.UnaryUnaryMultiCallable[_model_service_pb2.InferenceModelRequest, _model_service_pb2.ModelDeletionResponse]
+    """The latest deletion task of a model."""
+    MlCommonsDeploy: _grpc.UnaryUnaryMultiCallable[_model_service_pb2.MlCommonsDeployRequest, _model_service_pb2.MlCommonsDeployResponse]
+    """----- OpenSearch ML Commons' routes (seed 003); namespace as for seed 004 --------
+
+    Starts a deployment without waiting: `{"task_id", "status"}`.
+    """
+    MlCommonsGetTask: _grpc.UnaryUnaryMultiCallable[_model_service_pb2.InferenceTaskRequest, _model_service_pb2.MlCommonsTask]
+    """A deploy or delete task in OpenSearch's task shape (epoch-millisecond times)."""
 
 @_typing.type_check_only
 class ModelServiceAsyncStub(ModelServiceStub):
@@ -173,6 +200,33 @@ class ModelServiceAsyncStub(ModelServiceStub):
     """Shows the model cache per Ray node: object-store capacity, the budget for models,
     what is used and pinned, and the caller's namespace's models there (bytes, last use).
     """
+    InferenceDeploy: _aio.UnaryUnaryMultiCallable[_model_service_pb2.InferenceDeployRequest, _model_service_pb2.ModelDeploymentResponse]  # type: ignore[assignment]
+    """----- The Inference Deployment Tasks API's own routes (seed 004) -----------------
+    No namespace in these paths: it comes from the API key when the key is for exactly
+    one namespace, else from a `namespace_id` body field or query parameter.
+
+    Deploys a model and answers with the deployment's outcome (waits by default). A
+    failed deployment answers HTTP 500 with its task in the body.
+    """
+    InferenceGetDeployTask: _aio.UnaryUnaryMultiCallable[_model_service_pb2.InferenceTaskRequest, _model_service_pb2.ModelDeploymentResponse]  # type: ignore[assignment]
+    """A deployment task by id."""
+    InferenceGetDeployStatus: _aio.UnaryUnaryMultiCallable[_model_service_pb2.InferenceModelRequest, _model_service_pb2.ModelDeploymentResponse]  # type: ignore[assignment]
+    """The latest deployment task of a model."""
+    InferenceDelete: _aio.UnaryUnaryMultiCallable[_model_service_pb2.InferenceDeleteRequest, _model_service_pb2.ModelDeletionResponse]  # type: ignore[assignment]
+    """Deletes a model through a deletion task. The body is `{"model_id": ...}` plus any
+    parameters, which the task keeps; `namespace_id` and `wait` may be among them.
+    """
+    InferenceGetDeleteTask: _aio.UnaryUnaryMultiCallable[_model_service_pb2.InferenceTaskRequest, _model_service_pb2.ModelDeletionResponse]  # type: ignore[assignment]
+    """A deletion task by id."""
+    InferenceGetDeleteStatus: _aio.UnaryUnaryMultiCallable[_model_service_pb2.InferenceModelRequest, _model_service_pb2.ModelDeletionResponse]  # type: ignore[assignment]
+    """The latest deletion task of a model."""
+    MlCommonsDeploy: _aio.UnaryUnaryMultiCallable[_model_service_pb2.MlCommonsDeployRequest, _model_service_pb2.MlCommonsDeployResponse]  # type: ignore[assignment]
+    """----- OpenSearch ML Commons' routes (seed 003); namespace as for seed 004 --------
+
+    Starts a deployment without waiting: `{"task_id", "status"}`.
+    """
+    MlCommonsGetTask: _aio.UnaryUnaryMultiCallable[_model_service_pb2.InferenceTaskRequest, _model_service_pb2.MlCommonsTask]  # type: ignore[assignment]
+    """A deploy or delete task in OpenSearch's task shape (epoch-millisecond times)."""
 
 class ModelServiceServicer(metaclass=_abc_1.ABCMeta):
     """ModelService manages custom models of a namespace: upload, read, deploy, watch.
@@ -311,5 +365,80 @@ class ModelServiceServicer(metaclass=_abc_1.ABCMeta):
         """Shows the model cache per Ray node: object-store capacity, the budget for models,
         what is used and pinned, and the caller's namespace's models there (bytes, last use).
         """
+
+    @_abc_1.abstractmethod
+    def InferenceDeploy(
+        self,
+        request: _model_service_pb2.InferenceDeployRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_model_service_pb2.ModelDeploymentResponse, _abc.Awaitable[_model_service_pb2.ModelDeploymentResponse]]:
+        """----- The Inference Deployment Tasks API's own routes (seed 004) -----------------
+        No namespace in these paths: it comes from the API key when the key is for exactly
+        one namespace, else from a `namespace_id` body field or query parameter.
+
+        Deploys a model and answers with the deployment's outcome (waits by default). A
+        failed deployment answers HTTP 500 with its task in the body.
+        """
+
+    @_abc_1.abstractmethod
+    def InferenceGetDeployTask(
+        self,
+        request: _model_service_pb2.InferenceTaskRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_model_service_pb2.ModelDeploymentResponse, _abc.Awaitable[_model_service_pb2.ModelDeploymentResponse]]:
+        """A deployment task by id."""
+
+    @_abc_1.abstractmethod
+    def InferenceGetDeployStatus(
+        self,
+        request: _model_service_pb2.InferenceModelRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_model_service_pb2.ModelDeploymentResponse, _abc.Awaitable[_model_service_pb2.ModelDeploymentResponse]]:
+        """The latest deployment task of a model."""
+
+    @_abc_1.abstractmethod
+    def InferenceDelete(
+        self,
+        request: _model_service_pb2.InferenceDeleteRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_model_service_pb2.ModelDeletionResponse, _abc.Awaitable[_model_service_pb2.ModelDeletionResponse]]:
+        """Deletes a model through a deletion task. The body is `{"model_id": ...}` plus any
+        parameters, which the task keeps; `namespace_id` and `wait` may be among them.
+        """
+
+    @_abc_1.abstractmethod
+    def InferenceGetDeleteTask(
+        self,
+        request: _model_service_pb2.InferenceTaskRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_model_service_pb2.ModelDeletionResponse, _abc.Awaitable[_model_service_pb2.ModelDeletionResponse]]:
+        """A deletion task by id."""
+
+    @_abc_1.abstractmethod
+    def InferenceGetDeleteStatus(
+        self,
+        request: _model_service_pb2.InferenceModelRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_model_service_pb2.ModelDeletionResponse, _abc.Awaitable[_model_service_pb2.ModelDeletionResponse]]:
+        """The latest deletion task of a model."""
+
+    @_abc_1.abstractmethod
+    def MlCommonsDeploy(
+        self,
+        request: _model_service_pb2.MlCommonsDeployRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_model_service_pb2.MlCommonsDeployResponse, _abc.Awaitable[_model_service_pb2.MlCommonsDeployResponse]]:
+        """----- OpenSearch ML Commons' routes (seed 003); namespace as for seed 004 --------
+
+        Starts a deployment without waiting: `{"task_id", "status"}`.
+        """
+
+    @_abc_1.abstractmethod
+    def MlCommonsGetTask(
+        self,
+        request: _model_service_pb2.InferenceTaskRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_model_service_pb2.MlCommonsTask, _abc.Awaitable[_model_service_pb2.MlCommonsTask]]:
+        """A deploy or delete task in OpenSearch's task shape (epoch-millisecond times)."""
 
 def add_ModelServiceServicer_to_server(servicer: ModelServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
