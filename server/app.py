@@ -194,6 +194,7 @@ class ModelServiceApp:
                 scratch_dir=str(scratch),
                 deploy_task_retention_seconds=settings.deploy_task_retention_seconds,
                 object_store_budget_fraction=settings.object_store_budget_fraction,
+                auto_redeploy=settings.auto_redeploy,
             ),
             call_timeout_seconds=settings.ray_timeout_seconds,
         )

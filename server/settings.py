@@ -64,6 +64,10 @@ class Settings:
     """Share of each Ray node's object store that deployed models may take; the rest stays
     for plugins' own objects, so that the store never spills. A deploy that cannot fit even
     after evicting the least recently used unpinned models fails at the schedule stage."""
+    auto_redeploy: bool = True
+    """When the model cache starts on a cluster that lost its objects (Ray restarted), the
+    models that were deployed load again without a call: pinned ones first, then the most
+    recently used, within the admission rules, each as an AUTO_REDEPLOY deploy task."""
     ray_timeout_seconds: float = 10.0
     """Longest a call to the model cache actor may take before it fails with RAY_UNAVAILABLE
     (waiting for a deployment to finish is not such a call)."""

@@ -90,6 +90,7 @@ def service_settings(mongodb_uri: str, s3_endpoint: str, ray_address: str, sessi
         shutdown_grace_seconds=2.0,
         metrics_port=0,
         dependency_check_interval_seconds=0.5,
+        auto_redeploy=False,  # tests/test_restarts.py turns it on where it is the subject
     )
 
 

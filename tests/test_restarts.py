@@ -120,6 +120,45 @@ async def test_after_a_ray_restart_lost_models_are_marked_and_load_again(
     assert final.deployment_info.ray_cluster_url == f"ray://{second_cluster}"
 
 
+async def test_after_a_ray_restart_deployed_models_come_back_by_themselves_pinned_first(
+    isolated_settings: Settings, tmp_path: Path
+) -> None:
+    """AUTO_REDEPLOY: the models deployed on the lost cluster load again without a call,
+    the pinned one before the more recently used one, each as an asynchronous task."""
+
+    def own_cluster(name: str) -> contextlib.AbstractContextManager[str]:
+        return ray_head(tmp_path / name, object_store_bytes=GIB // 2, num_cpus=2, env=dict(os.environ))
+
+    with own_cluster("ray-a") as first_cluster:
+        environment = service_environment(isolated_settings, tmp_path / "data", first_cluster)
+        environment["MODELSERVICE_AUTO_REDEPLOY"] = "true"
+        with running_service(environment, tmp_path / "first.log") as first:
+            async with connected(first) as client:
+                pinned = await upload_model(client, first.namespace_id, tmp_path, "safetensors", name="pinned")
+                recent = await upload_model(client, first.namespace_id, tmp_path, "onnx", name="recent")
+                never = await upload_model(client, first.namespace_id, tmp_path, "onnx", name="never-deployed")
+                await client.deploy_model(first.namespace_id, pinned, pin=True)
+                await client.deploy_model(first.namespace_id, recent)  # used after the pinned one
+    with own_cluster("ray-b") as second_cluster:
+        environment = service_environment(isolated_settings, tmp_path / "data", second_cluster)
+        environment["MODELSERVICE_AUTO_REDEPLOY"] = "true"
+        with running_service(environment, tmp_path / "second.log") as second:
+            async with connected(second) as client:
+                for _ in range(300):
+                    states = [(await client.get_model(second.namespace_id, m)).model.deployment_status for m in (pinned, recent)]
+                    if states == ["deployed", "deployed"]:
+                        break
+                    await asyncio.sleep(0.1)
+                tasks = [await client.get_model_deploy_status(second.namespace_id, m) for m in (pinned, recent)]
+                untouched = (await client.get_model(second.namespace_id, never)).model
+                cache = {m.model_id: m.pinned for node in (await client.get_cache_status(second.namespace_id)).nodes for m in node.models}
+    assert states == ["deployed", "deployed"]
+    assert [(t.reason, t.is_async, t.state) for t in tasks] == [("AUTO_REDEPLOY", True, "COMPLETED")] * 2
+    assert tasks[0].create_time.ToDatetime() <= tasks[1].create_time.ToDatetime()  # pinned first
+    assert cache == {pinned: True, recent: False}  # the pin came back with it
+    assert untouched.deployment_status == "not_deployed"
+
+
 async def _until_the_service_reserved(settings: Settings, namespace_id: str) -> None:
     """Returns once an upload of the namespace holds a reservation (it is under way in the service)."""
     from pymongo import AsyncMongoClient

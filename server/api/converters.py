@@ -205,6 +205,7 @@ def deploy_task(task: DeployTask) -> pb.DeployTask:
         error=task.error,
         is_async=task.is_async,
         config=struct_value(task.config),
+        reason=task.trigger,
     )
 
 

@@ -53,6 +53,15 @@ logger = logging.getLogger(__name__)
 
 CAPACITY_REFRESH_SECONDS = 5.0
 IDLE_SWEEP_SECONDS = 1.0
+USE_FLUSH_SECONDS = 30.0
+"""How often the last use of cached models is written to MongoDB (automatic redeploys
+order by it)."""
+
+AUTO_REDEPLOY = "AUTO_REDEPLOY"
+AUTO_REDEPLOY_ATTEMPTS = 3
+AUTO_REDEPLOY_BACKOFF_SECONDS = 2.0
+RETRIED_REASONS = ("LOAD_CRASHED", "LOAD_ERROR", "INTERRUPTED")
+"""Failures an automatic redeploy tries again; refusals (no room, a bad archive) it does not."""
 
 @dataclass
 class _Load:
@@ -101,6 +110,8 @@ class CacheCore:
         self._loads_started = 0
         self._mongo: AsyncMongoClient[dict[str, Any]] | None = None
         self._background: set[asyncio.Task[Any]] = set()
+        self._recorded_use: dict[str, float] = {}
+        """Last use of each model as last written to MongoDB."""
         self._models: ModelRepository | None = None
         self._deployments: DeploymentRepository | None = None
 
@@ -138,6 +149,8 @@ class CacheCore:
         if entry is not None:
             self._policy.set_options(model_id, pinned=options.pin, idle_ttl_seconds=options.idle_ttl_seconds)
             self._policy.touch(model_id, time.time())
+            if options.pin is not None:
+                await self._record_use(model_id)
             if options.all_nodes:
                 # Nodes that joined since (or lost their copy) get one, in the background.
                 self._start_background(self._add_missing_copies(model_id, entry))
@@ -154,9 +167,14 @@ class CacheCore:
             if model is None:
                 raise ModelNotAvailable(f"model {model_id!r} does not exist")
             load.namespace_id = model.metadata.namespace_id
-            await deployments.create(load.task_id, model_id, load.namespace_id, is_async, utc_now(), options.config)
+            await deployments.create(
+                load.task_id, model_id, load.namespace_id, is_async, utc_now(), options.config, options.trigger
+            )
             await models.set_deployment(model_id, status=DeploymentStatus.PENDING, info=None, now=utc_now())
-            await self._record(load, "queued", message="waiting for Ray resources")
+            queued = "waiting for Ray resources"
+            if options.trigger == AUTO_REDEPLOY:
+                queued = f"{AUTO_REDEPLOY}: the Ray cluster lost the weights; loading them again; {queued}"
+            await self._record(load, "queued", message=queued)
         except BaseException as error:
             load.error = str(error)
             self._loading.pop(model_id, None)
@@ -220,6 +238,7 @@ class CacheCore:
             return LOADING
         entry = self._entries.pop(model_id, None)
         self._policy.remove(model_id)
+        self._recorded_use.pop(model_id, None)
         models, _ = await self._repositories()
         await models.set_deployment(model_id, status=DeploymentStatus.NOT_DEPLOYED, info=None, now=utc_now())
         return NOT_CACHED if entry is None else UNDEPLOYED
@@ -242,16 +261,49 @@ class CacheCore:
                 interrupted += await self._close_interrupted(models, deployments, task)
             except Exception:  # one bad record must not stop the others, nor start-up
                 logger.exception("could not close interrupted deploy task %s; retried at the next start", task.task_id)
-        for model_id in await models.deployed_model_ids():
-            if model_id not in self._entries:
-                await models.set_deployment(
-                    model_id, status=DeploymentStatus.NOT_DEPLOYED, info=None, now=utc_now(),
-                    error="the cached weights were lost (the Ray cluster restarted); they load again on demand",
-                )
-                lost += 1
+        lost_ids = [model_id for model_id in await models.deployed_model_ids() if model_id not in self._entries]
+        again = "they load again automatically" if self._config.auto_redeploy else "they load again on demand"
+        for model_id in lost_ids:
+            await models.set_deployment(
+                model_id, status=DeploymentStatus.NOT_DEPLOYED, info=None, now=utc_now(),
+                error=f"the cached weights were lost (the Ray cluster restarted); {again}",
+            )
+        lost = len(lost_ids)
+        if lost_ids and self._config.auto_redeploy:
+            self._start_background(self._redeploy(lost_ids))
         if interrupted or lost:
             logger.warning("reconciled: %d interrupted deployments, %d lost models", interrupted, lost)
         return {"interrupted": interrupted, "lost": lost}
+
+    async def _redeploy(self, model_ids: list[str]) -> None:
+        """Loads lost models again, one at a time (pinned first, then the most recently
+        used), each admitted like any deploy; a load that crashed is tried again a few
+        times, a refusal (no room, a bad archive) is not."""
+        models, _ = await self._repositories()
+        for model_id, pinned in await models.redeploy_order(model_ids):
+            for attempt in range(1, AUTO_REDEPLOY_ATTEMPTS + 1):
+                try:
+                    ticket = await self.deploy(model_id, True, DeployOptions(pin=pinned, trigger=AUTO_REDEPLOY))
+                    load = self._loading.get(model_id)
+                    if not ticket.cached and load is not None:
+                        await load.done.wait()
+                    error = "" if model_id in self._entries else (load.error if load is not None else "")
+                except Exception as failure:  # MongoDB or Ray unavailable for a moment
+                    error = f"LOAD_CRASHED: {failure}"
+                if not error or not any(reason in error for reason in RETRIED_REASONS):
+                    break
+                logger.warning("automatic redeploy of %s failed (attempt %d): %s", model_id, attempt, error)
+                await asyncio.sleep(AUTO_REDEPLOY_BACKOFF_SECONDS * attempt)
+
+    async def _record_use(self, model_id: str) -> None:
+        """Keeps the model's pin and last use in MongoDB, for automatic redeploys."""
+        copies = self._policy.copies(model_id)
+        if not copies:
+            return
+        models, _ = await self._repositories()
+        last_used = max(copy.last_used for copy in copies)
+        await models.record_cache_use(model_id, pinned=any(copy.pinned for copy in copies), last_used=last_used)
+        self._recorded_use[model_id] = last_used
 
     async def _close_interrupted(
         self, models: ModelRepository, deployments: DeploymentRepository, task: DeployTask
@@ -429,6 +481,7 @@ class CacheCore:
             load.model_id, status=DeploymentStatus.DEPLOYED,
             info=dataclasses.replace(info, node_ids=tuple(entry.copies)), now=now,
         )
+        await self._record_use(load.model_id)
         await self._record(load, "deployed", message=message)
 
     async def _add_missing_copies(self, model_id: str, entry: _Entry) -> None:
@@ -545,6 +598,7 @@ class CacheCore:
             await models.set_deployment(resident.model_id, status=DeploymentStatus.DEPLOYED, info=entry.info, now=utc_now())
             return
         del self._entries[resident.model_id]
+        self._recorded_use.pop(resident.model_id, None)
         await models.set_deployment(
             resident.model_id, status=DeploymentStatus.NOT_DEPLOYED, info=None, now=utc_now(), error=f"{state}: {message}"
         )
@@ -575,8 +629,12 @@ class CacheCore:
             self._idle_sweeper = asyncio.create_task(self._sweep_idle_models())
 
     async def _sweep_idle_models(self) -> None:
+        last_use_flush = time.monotonic()
         while True:
             await asyncio.sleep(IDLE_SWEEP_SECONDS)
+            if time.monotonic() - last_use_flush >= USE_FLUSH_SECONDS:
+                last_use_flush = time.monotonic()
+                await self._flush_uses()
             for resident in self._policy.idle(time.time()):
                 try:
                     await self._unload(
@@ -585,6 +643,17 @@ class CacheCore:
                     )
                 except Exception:
                     logger.exception("could not undeploy idle model %s; retrying", resident.model_id)
+
+    async def _flush_uses(self) -> None:
+        """Writes the last use of models used since the previous flush (plugin loads move
+        it without a write each)."""
+        for model_id in list(self._entries):
+            copies = self._policy.copies(model_id)
+            if copies and max(copy.last_used for copy in copies) > self._recorded_use.get(model_id, 0.0):
+                try:
+                    await self._record_use(model_id)
+                except Exception:
+                    logger.exception("could not record the last use of model %s; retrying later", model_id)
 
     async def _fail(self, load: _Load, stage: str, reason: str, message: str) -> None:
         self._counters.add(self._counters.loads, "failed")

@@ -56,6 +56,8 @@ class CacheConfig:
     """How long finished deploy tasks and their events are kept."""
     object_store_budget_fraction: float = 0.7
     """Share of each node's object store that cached models may take."""
+    auto_redeploy: bool = True
+    """Load again, without a call, the deployed models whose weights the cluster lost."""
 
 
 @dataclass(frozen=True)
@@ -99,6 +101,8 @@ class DeployOptions:
     """Also put a copy in the object store of every other alive node."""
     config: dict[str, Any] | None = None
     """Free-form deployment parameters, kept on the deploy task."""
+    trigger: str = ""
+    """Why the deploy happens when no one asked: AUTO_REDEPLOY ("" for a request)."""
     default_pin: bool = False
     default_idle_ttl_seconds: float = 0.0
     """The namespace's defaults, for a new load whose request left pin or the time-out unset."""

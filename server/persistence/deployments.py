@@ -79,6 +79,8 @@ class DeployTask:
     worker_node: list[str] = field(default_factory=list)
     config: dict[str, Any] = field(default_factory=dict)
     """The deploy request's free-form parameters."""
+    trigger: str = ""
+    """AUTO_REDEPLOY for a deploy no one asked for ("" for a request)."""
 
     @property
     def finished(self) -> bool:
@@ -106,7 +108,7 @@ class DeploymentRepository:
 
     async def create(
         self, task_id: str, model_id: str, namespace_id: str, is_async: bool, now: datetime.datetime,
-        config: dict[str, Any] | None = None,
+        config: dict[str, Any] | None = None, trigger: str = "",
     ) -> None:
         await self._tasks.insert_one(
             {
@@ -121,6 +123,7 @@ class DeploymentRepository:
                 "error": "",
                 "is_async": is_async,
                 "config": config or {},
+                "trigger": trigger,
                 "create_time": now,
                 "last_update_time": now,
                 # Epoch seconds as well: what range queries compare (see persistence.mongo).
@@ -217,6 +220,7 @@ def _task(document: Document) -> DeployTask:
         error=document.get("error") or "",
         worker_node=list(document.get("worker_node") or []),
         config=dict(document.get("config") or {}),
+        trigger=document.get("trigger") or "",
     )
 
 

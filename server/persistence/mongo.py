@@ -266,6 +266,24 @@ class ModelRepository:
         cursor = self._models.find({"state": READY, "deployed": True}, {"_id": 1})
         return [doc["_id"] async for doc in cursor]
 
+    async def record_cache_use(self, model_id: str, *, pinned: bool, last_used: float) -> None:
+        """What an automatic redeploy orders by: the model's pin and its last use (epoch
+        seconds), kept up to date by the model cache while the model is cached."""
+        await self._models.update_one(
+            {"_id": model_id, "state": READY}, {"$set": {"cache_pinned": pinned, "cache_last_used": last_used}}
+        )
+
+    async def redeploy_order(self, model_ids: list[str]) -> list[tuple[str, bool]]:
+        """`(model_id, pinned)` of those models that still exist: pinned first, then the most
+        recently used."""
+        cursor = self._models.find(
+            {"_id": {"$in": model_ids}, "state": READY}, {"_id": 1, "cache_pinned": 1, "cache_last_used": 1}
+        )
+        found = [
+            (bool(doc.get("cache_pinned")), float(doc.get("cache_last_used") or 0.0), str(doc["_id"])) async for doc in cursor
+        ]
+        return [(model_id, pinned) for pinned, _, model_id in sorted(found, key=lambda item: (not item[0], -item[1]))]
+
 
 def model_from_document(document: Document) -> StoredModel:
     resources = document.get("resources") or {}

@@ -53,6 +53,8 @@ def service_environment(settings: Settings, data_dir: Path, ray_address: str) ->
         MODELSERVICE_SHUTDOWN_GRACE_SECONDS="8",
         MODELSERVICE_REST_GATEWAY="false",  # gRPC is all these tests use
         MODELSERVICE_METRICS_PORT="0",
+        # Off unless a test is about it: loads nobody asked for would race other tests' checks.
+        MODELSERVICE_AUTO_REDEPLOY="false",
     )
     return environment
 

@@ -1043,6 +1043,7 @@ class DeployTask(_message.Message):
     ERROR_FIELD_NUMBER: _builtins.int
     IS_ASYNC_FIELD_NUMBER: _builtins.int
     CONFIG_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
     task_id: _builtins.str
     """Task id."""
     model_id: _builtins.str
@@ -1059,6 +1060,10 @@ class DeployTask(_message.Message):
     """For a failed task: "<stage>: <reason>: <message>"."""
     is_async: _builtins.bool
     """True when the caller did not wait for the end."""
+    reason: _builtins.str
+    """Why the task exists when no one asked for it: "AUTO_REDEPLOY" (the model cache
+    started on a cluster that had lost the weights); empty for a requested deploy.
+    """
     @_builtins.property
     def worker_node(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Ray node ids that ran the load."""
@@ -1090,10 +1095,11 @@ class DeployTask(_message.Message):
         error: _builtins.str = ...,
         is_async: _builtins.bool = ...,
         config: _struct_pb2.Struct | None = ...,
+        reason: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["config", b"config", "create_time", b"create_time", "last_update_time", b"last_update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["config", b"config", "create_time", b"create_time", "error", b"error", "is_async", b"is_async", "last_update_time", b"last_update_time", "model_id", b"model_id", "namespace_id", b"namespace_id", "stage", b"stage", "state", b"state", "task_id", b"task_id", "task_type", b"task_type", "worker_node", b"worker_node"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["config", b"config", "create_time", b"create_time", "error", b"error", "is_async", b"is_async", "last_update_time", b"last_update_time", "model_id", b"model_id", "namespace_id", b"namespace_id", "reason", b"reason", "stage", b"stage", "state", b"state", "task_id", b"task_id", "task_type", b"task_type", "worker_node", b"worker_node"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
