@@ -17,6 +17,8 @@ local PATH_FIELDS = {
   { name = "model_id", pattern = "^/v1/namespaces/[^/]+/models/[^/]+" },
   { name = "task_id", pattern = "^/v1/namespaces/[^/]+/deploy_tasks/[^/]+" },
   { name = "task_id", pattern = "^/v1/namespaces/[^/]+/delete_tasks/[^/]+" },
+  { name = "model_name", pattern = "^/v1/namespaces/[^/]+/aliases/[^/]+" },
+  { name = "alias", pattern = "^/v1/namespaces/[^/]+/aliases/[^/]+/[^/]+" },
   -- The seeds' own routes (seed 004, seed 003).
   { name = "task_id", pattern = "^/deploy/[^/]+" },
   { name = "task_id", pattern = "^/delete/[^/]+" },

@@ -112,6 +112,14 @@ def _parser() -> argparse.ArgumentParser:
         help="load on this Ray node (repeat for a choice of nodes)",
     )
     deploy.add_argument("--all-nodes", action="store_true", help="put a copy in every node's object store")
+    deploy.add_argument(
+        "--alias", default="", metavar="ALIAS",
+        help="blue-green: point this alias of the model's name at it once it is deployed",
+    )
+    alias = commands.add_parser("alias", parents=[common], help="set, show, list or delete model aliases")
+    alias.add_argument("action", choices=["set", "get", "list", "delete"])
+    alias.add_argument("reference", nargs="?", default="", help="<model name>@<alias> (all but list)")
+    alias.add_argument("model_id", nargs="?", default="", help="the model to point at (set)")
     watch = commands.add_parser("watch", parents=[common], help="follow a deployment live")
     watch.add_argument("model_id")
     watch.add_argument("--task", default="", help="a deploy task id (default: the latest)")
@@ -147,7 +155,7 @@ async def run(arguments: argparse.Namespace, out: TextIO, err: TextIO) -> int:
             response = await client.deploy_model(
                 arguments.namespace, arguments.model_id, wait=not arguments.no_wait,
                 pin=arguments.pin, idle_ttl_seconds=arguments.idle_ttl,
-                node_ids=arguments.node_ids, all_nodes=arguments.all_nodes,
+                node_ids=arguments.node_ids, all_nodes=arguments.all_nodes, alias=arguments.alias,
             )
             _show(response, arguments, out, _describe_deploy)
             return EXIT_OK if response.success else EXIT_REFUSED
@@ -161,6 +169,8 @@ async def run(arguments: argparse.Namespace, out: TextIO, err: TextIO) -> int:
             return _show(undeployed, arguments, out, lambda body: str(body["message"]))
         if command == "cache":
             return _show(await client.get_cache_status(arguments.namespace), arguments, out, _describe_cache)
+        if command == "alias":
+            return await _alias(client, arguments, out, err)
         if command == "delete":
             deleted = await client.delete_model(arguments.namespace, arguments.model_id, wait=not arguments.no_wait)
             return _show(deleted, arguments, out, lambda body: f"{body['message']} (task {body['task_id']})")
@@ -267,6 +277,32 @@ def _mib(value: float) -> str:
 def _describe_deploy(body: dict[str, Any]) -> str:
     cached = " (already cached)" if body["cached"] else ""
     return f"{body['deployment_status']}{cached}: {body['message']}  [task {body['task_id']}]"
+
+
+async def _alias(client: ModelServiceClient, arguments: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    namespace, action = arguments.namespace, arguments.action
+    if action == "list":
+        return _show(await client.list_aliases(namespace), arguments, out, _describe_aliases)
+    model_name, _, alias = arguments.reference.rpartition("@")
+    if not model_name or not alias or (action == "set") != bool(arguments.model_id):
+        err.write("error: alias set <name>@<alias> <model_id> | alias get|delete <name>@<alias> | alias list\n")
+        return EXIT_USAGE
+    if action == "set":
+        answer: Any = await client.set_alias(namespace, model_name, alias, arguments.model_id)
+    elif action == "get":
+        answer = await client.get_alias(namespace, model_name, alias)
+    else:
+        return _show(await client.delete_alias(namespace, model_name, alias), arguments, out, lambda body: str(body["message"]))
+    return _show(answer, arguments, out, _describe_alias)
+
+
+def _describe_alias(body: dict[str, Any]) -> str:
+    was = f" (was {body['previous_model_id']})" if body["previous_model_id"] else ""
+    return f"{body['reference']} -> {body['model_id']}{was}"
+
+
+def _describe_aliases(body: dict[str, Any]) -> str:
+    return "\n".join(_describe_alias(alias) for alias in body["aliases"]) or "no aliases"
 
 
 def _describe_task(body: dict[str, Any]) -> str:

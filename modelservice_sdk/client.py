@@ -231,13 +231,37 @@ class ModelServiceClient:
         idle_ttl_seconds: float | None = None,
         node_ids: list[str] | None = None,
         all_nodes: bool = False,
+        alias: str = "",
     ) -> pb.DeployModelResponse:
+        """Deploys the model; with `alias`, points that alias of its name at it once it is
+        deployed (blue-green: until then the alias keeps resolving to the old model)."""
         request = pb.DeployModelRequest(
             namespace_id=namespace_id, model_id=model_id, wait=wait, pin=pin, idle_ttl_seconds=idle_ttl_seconds,
-            node_ids=node_ids or [], all_nodes=all_nodes,
+            node_ids=node_ids or [], all_nodes=all_nodes, alias=alias,
         )
         response: pb.DeployModelResponse = await self._unary(self.stub.DeployModel, request)
         return response
+
+    async def set_alias(self, namespace_id: str, model_name: str, alias: str, model_id: str) -> pb.ModelAlias:
+        request = pb.SetAliasRequest(namespace_id=namespace_id, model_name=model_name, alias=alias, model_id=model_id)
+        answer: pb.ModelAlias = await self._unary(self.stub.SetAlias, request)
+        return answer
+
+    async def get_alias(self, namespace_id: str, model_name: str, alias: str) -> pb.ModelAlias:
+        request = pb.AliasRequest(namespace_id=namespace_id, model_name=model_name, alias=alias)
+        answer: pb.ModelAlias = await self._unary(self.stub.GetAlias, request)
+        return answer
+
+    async def list_aliases(self, namespace_id: str) -> pb.ListAliasesResponse:
+        answer: pb.ListAliasesResponse = await self._unary(
+            self.stub.ListAliases, pb.ListAliasesRequest(namespace_id=namespace_id)
+        )
+        return answer
+
+    async def delete_alias(self, namespace_id: str, model_name: str, alias: str) -> pb.DeleteAliasResponse:
+        request = pb.AliasRequest(namespace_id=namespace_id, model_name=model_name, alias=alias)
+        answer: pb.DeleteAliasResponse = await self._unary(self.stub.DeleteAlias, request)
+        return answer
 
     async def get_cache_status(self, namespace_id: str) -> pb.CacheStatus:
         status: pb.CacheStatus = await self._unary(

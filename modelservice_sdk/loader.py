@@ -39,6 +39,10 @@ def load_namespace_model(
 ) -> NamespaceModel:
     """The model's weights from the Ray object store, loading them first if needed.
 
+    `model_id` is a model id, or an alias reference `"<model name>@<alias>"` (e.g.
+    `"bert@production"`), which needs `namespace_id`: it resolves to the alias's current
+    model at each call, so a plugin sees a blue-green switch at its next call (a model it
+    already holds stays valid).
     `namespace_id`, when given, must own the model (a plugin acting for one tenant cannot
     reach another's model). `database` selects the service deployment whose cache to use
     (default: `MODELSERVICE_MONGODB_DATABASE` or "modelservice").
@@ -50,7 +54,8 @@ def load_namespace_model(
         ray.init(address="auto", namespace=CACHE_NAMESPACE, log_to_driver=False)
     name = cache_name(database)
     key = (name, model_id, namespace_id)
-    held = _held.get(key)
+    # An alias may point elsewhere at any time: only ids (immutable) are served from here.
+    held = _held.get(key) if "@" not in model_id else None
     if held is not None:
         # This process still holds the model: same id, same bytes (ids are immutable). No
         # round trip; the cache hears of the use (for its LRU order) without waiting.
@@ -62,7 +67,8 @@ def load_namespace_model(
         # The cache was replaced (Ray restarted it, or a service replica recreated it).
         _actors.pop(name, None)
         model = _load(_cache_actor(name), model_id, namespace_id)
-    _held[key] = model
+    if "@" not in model_id:
+        _held[key] = model
     return model
 
 

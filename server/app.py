@@ -26,6 +26,7 @@ from server.api.error_mapping import ErrorMappingInterceptor
 from server.api.servicer import ModelServiceServicer
 from server.archives.inspector import InspectionLimits
 from server.archives.stores import ArchiveStore, LocalArchiveStore, S3ArchiveStore
+from server.core.aliases import AliasService
 from server.core.catalog import ModelCatalog
 from server.core.deletion import DeletionService
 from server.core.deployments import DeploymentService, WatchTiming
@@ -37,6 +38,7 @@ from server.metrics import CacheMetrics, serve_metrics
 from server.deploy.cluster import RayModelCluster
 from server.deploy.specs import CacheConfig, StoreConfig
 from server.embedded.processes import embedded_mongodb, ensure_ray_head
+from server.persistence.aliases import AliasRepository
 from server.persistence.delete_tasks import DeleteTaskRepository
 from server.persistence.deployments import DeploymentRepository
 from server.persistence.mongo import ModelRepository, TenancyRepository, connect, database
@@ -99,10 +101,12 @@ class ModelServiceApp:
         tenancy_repository = TenancyRepository(db)
         deployment_repository = DeploymentRepository(db, settings.deploy_task_retention_seconds)
         delete_tasks = DeleteTaskRepository(db, datetime.timedelta(seconds=settings.deploy_task_retention_seconds))
+        alias_repository = AliasRepository(db)
         await models.ensure_indexes()
         await tenancy_repository.ensure_indexes()
         await deployment_repository.ensure_indexes()
         await delete_tasks.ensure_indexes()
+        await alias_repository.ensure_indexes()
 
         self.store = await self._open_store()
         self.tenancy = TenancyService(tenancy_repository)
@@ -122,7 +126,8 @@ class ModelServiceApp:
         )
         self.cluster = await self._start_cluster()
         self.catalog = ModelCatalog(self.tenancy, models)
-        self.deletions = DeletionService(self.tenancy, models, self.store, self.cluster, delete_tasks)
+        self.deletions = DeletionService(self.tenancy, models, self.store, self.cluster, delete_tasks, alias_repository)
+        self.aliases = AliasService(self.tenancy, self.catalog, alias_repository, self.cluster)
         self.janitor = Janitor(models, self.store, self.deletions, settings.upload_lease_seconds)
         janitor_task = asyncio.create_task(self.janitor.run_forever(settings.janitor_interval_seconds))
         self._stack.push_async_callback(_cancel, janitor_task)
@@ -134,7 +139,9 @@ class ModelServiceApp:
             WatchTiming(poll_seconds=settings.watch_poll_seconds, heartbeat_seconds=settings.watch_heartbeat_seconds),
         )
 
-        await self._start_grpc(ModelServiceServicer(self.tenancy, self.uploads, self.catalog, self.deployments, self.deletions))
+        await self._start_grpc(ModelServiceServicer(
+                self.tenancy, self.uploads, self.catalog, self.deployments, self.deletions, self.aliases
+            ))
         probe_budget = settings.dependency_probe_timeout_seconds
         self.dependencies = DependencyMonitor(
             {
@@ -195,6 +202,7 @@ class ModelServiceApp:
                 deploy_task_retention_seconds=settings.deploy_task_retention_seconds,
                 object_store_budget_fraction=settings.object_store_budget_fraction,
                 auto_redeploy=settings.auto_redeploy,
+                alias_blue_grace_seconds=settings.alias_blue_grace_seconds,
             ),
             call_timeout_seconds=settings.ray_timeout_seconds,
         )

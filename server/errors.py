@@ -86,6 +86,18 @@ class DeleteTaskNotFound(ModelServiceError):
     kind = ErrorKind.NOT_FOUND
 
 
+class AliasNotFound(ModelServiceError):
+    reason = "ALIAS_NOT_FOUND"
+    kind = ErrorKind.NOT_FOUND
+
+
+class ModelAliased(ModelServiceError):
+    """The model is an alias's target: move or delete the alias first."""
+
+    reason = "MODEL_ALIASED"
+    kind = ErrorKind.FAILED_PRECONDITION
+
+
 class TaskNotFound(ModelServiceError):
     """Neither a deploy nor a delete task (OpenSearch's tasks API covers both)."""
 

@@ -68,6 +68,10 @@ class Settings:
     """When the model cache starts on a cluster that lost its objects (Ray restarted), the
     models that were deployed load again without a call: pinned ones first, then the most
     recently used, within the admission rules, each as an AUTO_REDEPLOY deploy task."""
+    alias_blue_grace_seconds: float = 300.0
+    """After an alias moved to a new model ("green"), the old one ("blue") stays cached this
+    long unused, so plugins still holding it are not cut off; 0 undeploys it at once. A
+    pinned blue, or one another alias still points at, stays."""
     ray_timeout_seconds: float = 10.0
     """Longest a call to the model cache actor may take before it fails with RAY_UNAVAILABLE
     (waiting for a deployment to finish is not such a call)."""

@@ -3,13 +3,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
+import ray
 from moto.server import ThreadedMotoServer
 
 from modelservice_sdk.client import ModelServiceClient
@@ -73,7 +76,22 @@ def ray_address(s3_endpoint: str, session_dir: Path) -> Iterator[str]:
 
 
 @pytest.fixture(scope="session")
-def service_settings(mongodb_uri: str, s3_endpoint: str, ray_address: str, session_dir: Path) -> Settings:
+def ray_driver(ray_address: str) -> Iterator[None]:
+    """This process's one connection to the test cluster, for the whole session.
+
+    The services tests start in-process then find Ray connected and leave the connection
+    alone: connecting and disconnecting a Ray driver many times in one process is not
+    something Ray supports well (it has crashed the process in CoreWorkerMemoryStore).
+    """
+    ray.init(address=ray_address, namespace="modelservice", log_to_driver=False, configure_logging=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def service_settings(
+    mongodb_uri: str, s3_endpoint: str, ray_address: str, session_dir: Path, ray_driver: None
+) -> Settings:
     run = uuid.uuid4().hex[:8]
     return Settings(
         grpc_port=0,
@@ -111,6 +129,23 @@ async def make_tenant(app: ModelServiceApp, tier: Tier = Tier.ENTERPRISE) -> Ten
     await app.tenancy.create_namespace(namespace_id, tier)
     issued = await app.tenancy.issue_key([namespace_id], label="test")
     return Tenant(namespace_id=namespace_id, api_key=issued.key)
+
+
+@contextlib.asynccontextmanager
+async def own_service(
+    service_settings: Settings, data_dir: Path, database_prefix: str, **overrides: Any
+) -> AsyncIterator[tuple[ModelServiceApp, Tenant]]:
+    """A service of its own on the session's servers (its own database, hence its own
+    model cache actor, killed at the end so its weights leave the object store)."""
+    settings = Settings(**{
+        **service_settings.__dict__,
+        "mongodb_database": f"{database_prefix}_{uuid.uuid4().hex[:8]}",
+        "data_dir": data_dir,
+        **overrides,
+    })
+    async with ModelServiceApp(settings) as app:
+        yield app, await make_tenant(app)
+        ray.kill(ray.get_actor(app.cluster.actor_name, namespace="modelservice"))
 
 
 @pytest.fixture

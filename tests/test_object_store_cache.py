@@ -6,7 +6,6 @@ cluster's 1 GiB object store, about 102 MiB)."""
 from __future__ import annotations
 
 import asyncio
-import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,7 @@ from modelservice_sdk.client import ModelServiceClient, ServiceError
 from modelservice_sdk.loader import load_namespace_model
 from server.app import ModelServiceApp
 from server.settings import Settings
-from tests.conftest import Tenant, make_tenant
+from tests.conftest import Tenant, make_tenant, own_service
 from tests.support import model_files
 from tests.support.uploads import upload_fields
 from tests.test_admin import admin
@@ -33,15 +32,8 @@ MIB = 1 << 20
 
 @pytest.fixture
 async def small_cache(service_settings: Settings, tmp_path: Path) -> AsyncIterator[tuple[ModelServiceApp, Tenant]]:
-    settings = Settings(**{
-        **service_settings.__dict__,
-        "mongodb_database": f"cache_{uuid.uuid4().hex[:8]}",
-        "data_dir": tmp_path / "service",
-        "object_store_budget_fraction": 0.1,
-    })
-    async with ModelServiceApp(settings) as app:
-        yield app, await make_tenant(app)
-        ray.kill(ray.get_actor(app.cluster.actor_name, namespace="modelservice"))  # frees its weights
+    async with own_service(service_settings, tmp_path / "service", "cache", object_store_budget_fraction=0.1) as running:
+        yield running
 
 
 async def _upload(client: ModelServiceClient, tenant: Tenant, tmp_path: Path, name: str, mib: int) -> str:

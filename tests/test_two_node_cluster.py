@@ -6,7 +6,6 @@ both object stores, and plugins on either node get the weights read-only."""
 from __future__ import annotations
 
 import time
-import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,7 @@ from modelservice_sdk.loader import load_namespace_model
 from server.app import ModelServiceApp
 from server.embedded.processes import ray_worker_node
 from server.settings import Settings
-from tests.conftest import Tenant, make_tenant
+from tests.conftest import Tenant, own_service
 from tests.support import model_files
 from tests.support.uploads import upload_fields
 
@@ -36,22 +35,19 @@ def _alive_nodes() -> list[dict[str, Any]]:
 
 
 @pytest.fixture(scope="module")
-def second_node(ray_address: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def second_node(ray_address: str, ray_driver: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """The Ray node id of a second node joined to the test cluster (on a given cluster,
     MODELSERVICE_TEST_RAY_ADDRESS, one of its nodes other than the one this driver runs on)."""
     import os
 
     if os.environ.get("MODELSERVICE_TEST_RAY_ADDRESS"):
-        yield _existing_second_node(ray_address)
+        yield _existing_second_node()
         return
-    before = {node["NodeID"] for node in _alive_nodes()} if ray.is_initialized() else set()
+    before = {node["NodeID"] for node in _alive_nodes()}
     with ray_worker_node(
         ray_address, tmp_path_factory.mktemp("second-node"), object_store_bytes=256 * MIB, num_cpus=1,
         resources={SECOND_NODE: 1}, env=dict(os.environ),
     ):
-        connected_here = not ray.is_initialized()
-        if connected_here:
-            ray.init(address=ray_address, namespace="modelservice", log_to_driver=False, configure_logging=False)
         deadline = time.monotonic() + 60
         while True:
             joined = [
@@ -63,20 +59,11 @@ def second_node(ray_address: str, tmp_path_factory: pytest.TempPathFactory) -> I
             assert time.monotonic() < deadline, "the second Ray node never joined"
             time.sleep(0.25)
         yield joined[0]
-        if connected_here:
-            ray.shutdown()
 
 
-def _existing_second_node(ray_address: str) -> str:
-    connected_here = not ray.is_initialized()
-    if connected_here:
-        ray.init(address=ray_address, namespace="modelservice", log_to_driver=False, configure_logging=False)
-    try:
-        here = ray.get_runtime_context().get_node_id()
-        others = [node["NodeID"] for node in _alive_nodes() if node["NodeID"] != here]
-    finally:
-        if connected_here:
-            ray.shutdown()
+def _existing_second_node() -> str:
+    here = ray.get_runtime_context().get_node_id()
+    others = [node["NodeID"] for node in _alive_nodes() if node["NodeID"] != here]
     if not others:
         pytest.skip("the given Ray cluster has a single node")
     return str(others[0])
@@ -86,14 +73,8 @@ def _existing_second_node(ray_address: str) -> str:
 async def two_node_app(
     service_settings: Settings, second_node: str, tmp_path: Path
 ) -> AsyncIterator[tuple[ModelServiceApp, Tenant]]:
-    settings = Settings(**{
-        **service_settings.__dict__,
-        "mongodb_database": f"placement_{uuid.uuid4().hex[:8]}",
-        "data_dir": tmp_path / "service",
-    })
-    async with ModelServiceApp(settings) as app:
-        yield app, await make_tenant(app)
-        ray.kill(ray.get_actor(app.cluster.actor_name, namespace="modelservice"))  # frees its weights
+    async with own_service(service_settings, tmp_path / "service", "placement") as running:
+        yield running
 
 
 async def _deployed(

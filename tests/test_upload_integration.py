@@ -483,3 +483,59 @@ async def test_concurrent_duplicate_uploads_surface_already_exists_through_the_c
         (grpc.StatusCode.ALREADY_EXISTS, "MODEL_ALREADY_EXISTS")
     }, failures
     assert all(isinstance(f, ServiceError) for f in failures)
+
+
+async def test_an_upload_whose_opening_timed_out_leaves_no_multipart_upload_behind(app: ModelServiceApp, tenant: Tenant) -> None:
+    """The store opened the multipart upload but its answer never came back: the failed
+    upload aborts what is pending under its key, then releases its reservation."""
+    from server.archives.inspector import InspectionLimits
+    from server.archives.stores import ArchiveWriter, PendingUpload
+    from server.core.uploads import UploadLimits, UploadService
+    from server.core.validation import UploadDeclaration
+    from server.errors import ModelServiceError
+    from server.persistence.mongo import ModelRepository, database
+
+    class AnswerLostStore:
+        def __init__(self) -> None:
+            self.pending: list[PendingUpload] = []
+
+        def url_for(self, key: str) -> str:
+            return f"lost://{key}"
+
+        async def open_writer(self, key: str) -> ArchiveWriter:
+            self.pending.append(PendingUpload(key=key, upload_id="opened-on-the-store-side"))
+            raise TimeoutError("the store's answer never came")
+
+        async def delete(self, key: str) -> None:
+            return
+
+        async def abort_pending(self, key: str, upload_id: str) -> None:
+            self.pending = [p for p in self.pending if (p.key, p.upload_id) != (key, upload_id)]
+
+        async def list_pending(self, key: str = "") -> list[PendingUpload]:
+            return [p for p in self.pending if p.key.startswith(key)]
+
+        async def probe(self) -> None:
+            return
+
+    mongo = _mongo_client(app)
+    models = ModelRepository(database(mongo, app.settings.mongodb_database))
+    store = AnswerLostStore()
+    uploads = UploadService(
+        app.tenancy, models, store,
+        UploadLimits(max_archive_bytes=1 << 30, inspection=InspectionLimits(1 << 30, 200.0, 100), lease_seconds=60),
+    )
+
+    async def declaration() -> tuple[UploadDeclaration, AsyncIterator[bytes]]:
+        async def chunks() -> AsyncIterator[bytes]:
+            yield b""
+
+        return UploadDeclaration(tenant.namespace_id, "answer-lost", "1", "safetensors"), chunks()
+
+    with pytest.raises((TimeoutError, ModelServiceError)):
+        await uploads.upload(tenant.api_key, tenant.namespace_id, declaration)
+    reservation = await mongo[app.settings.mongodb_database]["models"].find_one(
+        {"namespace_id": tenant.namespace_id, "name": "answer-lost"}
+    )
+    await mongo.close()
+    assert store.pending == [] and reservation is None

@@ -14,6 +14,7 @@ from server.core.deployments import DeployOutcome, UndeployOutcome
 from server.core.models import DeploymentStatus, StoredModel
 from server.core.validation import UploadDeclaration
 from server.deploy.specs import DeployOptions, NodeUsage
+from server.persistence.aliases import Alias
 from server.persistence.delete_tasks import TASK_TYPE as DELETE_TASK_TYPE
 from server.persistence.delete_tasks import DeleteTask
 from server.persistence.deployments import TASK_TYPE, DeploymentEvent, DeployTask
@@ -87,6 +88,7 @@ def deploy_options(request: pb.DeployModelRequest | pb.InferenceDeployRequest | 
         node_ids=tuple(request.node_ids),
         all_nodes=request.all_nodes,
         config=struct_field(request, "config"),
+        alias=request.alias,
     )
 
 
@@ -102,7 +104,14 @@ def upload_response(model: StoredModel) -> pb.UploadModelResponse:
     )
 
 
-def model_document(model: StoredModel) -> pb.CustomModelDocument:
+def model_alias(alias: Alias) -> pb.ModelAlias:
+    return pb.ModelAlias(
+        namespace_id=alias.namespace_id, model_name=alias.model_name, alias=alias.alias, model_id=alias.model_id,
+        previous_model_id=alias.previous_model_id, updated_at=timestamp(alias.updated_at), reference=alias.reference,
+    )
+
+
+def model_document(model: StoredModel, aliases: Iterable[str] = ()) -> pb.CustomModelDocument:
     metadata = model.metadata
     document = pb.CustomModelDocument(
         model_id=model.model_id,
@@ -126,6 +135,7 @@ def model_document(model: StoredModel) -> pb.CustomModelDocument:
         weights_bytes=float(model.weights_bytes),
         deployment_status=model.deployment_status.value,
         deployment_error=model.deployment_error,
+        aliases=list(aliases),
     )
     if metadata.input_schema is not None:
         document.input_schema.update(metadata.input_schema)
@@ -225,9 +235,10 @@ def deployment_event(event: DeploymentEvent) -> pb.DeploymentEvent:
     )
 
 
-def model_page(page: ModelPage) -> pb.ListModelsResponse:
+def model_page(page: ModelPage, aliases: dict[str, list[str]]) -> pb.ListModelsResponse:
     return pb.ListModelsResponse(
-        success=True, models=[model_document(m) for m in page.models], next_page_token=page.next_page_token
+        success=True, models=[model_document(m, aliases.get(m.model_id, ())) for m in page.models],
+        next_page_token=page.next_page_token,
     )
 
 

@@ -53,7 +53,7 @@ HTTP_ERRORS: dict[ErrorKind, tuple[int, str]] = {
     ErrorKind.RESOURCE_EXHAUSTED: (429, "QuotaExceededError"),
 }
 #: Reasons whose HTTP status is more precise than their kind's.
-HTTP_STATUS_OF_REASON = {"ARCHIVE_TOO_LARGE": 413, "MODEL_DEPLOYING": 409}
+HTTP_STATUS_OF_REASON = {"ARCHIVE_TOO_LARGE": 413, "MODEL_DEPLOYING": 409, "MODEL_ALIASED": 409}
 REST_ERROR_METADATA_KEY = "x-modelservice-error"
 
 OWN_SERVICE_PREFIX = "/modelservice.v1."

@@ -14,6 +14,7 @@ from modelservice.v1 import model_service_pb2_grpc as pb_grpc
 from server.api import converters
 from server.api.seed_routes import SeedRoutes
 from server.api.upload_stream import open_upload_stream
+from server.core.aliases import AliasService
 from server.core.catalog import ModelCatalog
 from server.core.deletion import DeletionService
 from server.core.deployments import DeploymentService
@@ -31,8 +32,10 @@ class ModelServiceServicer(SeedRoutes, pb_grpc.ModelServiceServicer):
         catalog: ModelCatalog,
         deployments: DeploymentService,
         deletions: DeletionService,
+        aliases: AliasService,
     ) -> None:
         self._tenancy = tenancy
+        self._aliases = aliases
         self._uploads = uploads
         self._catalog = catalog
         self._deletions = deletions
@@ -49,12 +52,34 @@ class ModelServiceServicer(SeedRoutes, pb_grpc.ModelServiceServicer):
     async def GetModel(self, request: pb.GetModelRequest, context: Context) -> pb.GetModelResponse:
         token = converters.api_key(context)
         model = await self._catalog.get(token, request.namespace_id, request.model_id)
-        return pb.GetModelResponse(success=True, model=converters.model_document(model))
+        aliases = await self._aliases.pointing_at(request.namespace_id, [model.model_id])
+        return pb.GetModelResponse(success=True, model=converters.model_document(model, aliases.get(model.model_id, ())))
 
     async def ListModels(self, request: pb.ListModelsRequest, context: Context) -> pb.ListModelsResponse:
         token = converters.api_key(context)
         page = await self._catalog.page(token, request.namespace_id, request.page_size, request.page_token)
-        return converters.model_page(page)
+        aliases = await self._aliases.pointing_at(request.namespace_id, [model.model_id for model in page.models])
+        return converters.model_page(page, aliases)
+
+    async def SetAlias(self, request: pb.SetAliasRequest, context: Context) -> pb.ModelAlias:
+        alias = await self._aliases.set(
+            converters.api_key(context), request.namespace_id, request.model_name, request.alias, request.model_id
+        )
+        return converters.model_alias(alias)
+
+    async def GetAlias(self, request: pb.AliasRequest, context: Context) -> pb.ModelAlias:
+        alias = await self._aliases.get(converters.api_key(context), request.namespace_id, request.model_name, request.alias)
+        return converters.model_alias(alias)
+
+    async def ListAliases(self, request: pb.ListAliasesRequest, context: Context) -> pb.ListAliasesResponse:
+        aliases = await self._aliases.all_in(converters.api_key(context), request.namespace_id)
+        return pb.ListAliasesResponse(success=True, aliases=[converters.model_alias(alias) for alias in aliases])
+
+    async def DeleteAlias(self, request: pb.AliasRequest, context: Context) -> pb.DeleteAliasResponse:
+        await self._aliases.delete(converters.api_key(context), request.namespace_id, request.model_name, request.alias)
+        return pb.DeleteAliasResponse(
+            success=True, message=f"alias {request.model_name}@{request.alias} deleted; its model stays"
+        )
 
     async def DeleteModel(self, request: pb.DeleteModelRequest, context: Context) -> pb.DeleteModelResponse:
         token = converters.api_key(context)

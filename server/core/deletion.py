@@ -19,7 +19,8 @@ from server.core.catalog import model_not_found
 from server.core.models import StoredModel, utc_now
 from server.core.tenancy import TenancyService
 from server.deploy.specs import LOADING
-from server.errors import DeleteTaskNotFound, ModelDeploying
+from server.errors import DeleteTaskNotFound, ModelAliased, ModelDeploying
+from server.persistence.aliases import AliasRepository
 from server.persistence.delete_tasks import ARCHIVE, DOCUMENT, UNDEPLOY, DeleteTask, DeleteTaskRepository
 from server.persistence.mongo import ModelRepository
 
@@ -33,13 +34,14 @@ class CacheEviction(Protocol):
 class DeletionService:
     def __init__(
         self, tenancy: TenancyService, models: ModelRepository, store: ArchiveStore, cache: CacheEviction,
-        tasks: DeleteTaskRepository,
+        tasks: DeleteTaskRepository, aliases: AliasRepository,
     ) -> None:
         self._tenancy = tenancy
         self._models = models
         self._store = store
         self._cache = cache
         self._tasks = tasks
+        self._aliases = aliases
         self._running: set[asyncio.Task[Any]] = set()
 
     async def delete(
@@ -49,6 +51,11 @@ class DeletionService:
         """Starts the model's delete task; with `wait`, returns it ended (raising
         ModelDeploying if a load is under way), else at once, running."""
         await self._tenancy.authorize(bearer_token, namespace_id)
+        for alias in await self._aliases.pointing_at(namespace_id, [model_id]):
+            raise ModelAliased(
+                f"model {model_id!r} is what alias {alias.reference} resolves to: point the alias at another "
+                "model (or delete it) first", model_id=model_id, alias=alias.reference,
+            )
         model = await self._models.mark_deleting(namespace_id, model_id, utc_now())
         if model is None:
             raise model_not_found(namespace_id, model_id)

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from server.core import quotas
+from server.core.aliases import validate_alias
 from server.core.catalog import ModelCatalog
 from server.core.deployment_feed import DeploymentFeed
 from server.core.models import DeploymentStatus, utc_now
@@ -92,6 +93,8 @@ class DeploymentService:
         ):
             usage = await self._catalog.usage(namespace_id)
             quotas.check_deploy(namespace, usage, model.weights_bytes)
+        if options.alias:
+            validate_alias(options.alias)
         if options.config and len(json.dumps(options.config)) > MAX_CONFIG_JSON_BYTES:
             raise InvalidArgument(
                 f"config is larger than {MAX_CONFIG_JSON_BYTES} bytes as JSON", field="config",

@@ -204,6 +204,11 @@ class UploadService:
                 await self._store.delete(archive_key)
             elif writer is not None:
                 await writer.abort()
+            else:
+                # Opening the upload failed, yet it may exist: the request can reach the
+                # store while its answer does not reach us. Abort whatever is under the key.
+                for pending in await self._store.list_pending(archive_key):
+                    await self._store.abort_pending(pending.key, pending.upload_id)
         except Exception:
             # The reservation stays, its lease ended: it is the janitor's record of what to
             # abort once the store answers again.

@@ -55,6 +55,12 @@ class ModelCache:
     async def deploy(self, model_id: str, is_async: bool, options: DeployOptions | None = None) -> DeployTicket:
         return await self._core.deploy(model_id, is_async, options)
 
+    async def point_alias(self, namespace_id: str, model_name: str, alias: str, model_id: str) -> str:
+        return await self._core.point_alias(namespace_id, model_name, alias, model_id)
+
+    async def delete_alias(self, namespace_id: str, model_name: str, alias: str) -> bool:
+        return await self._core.delete_alias(namespace_id, model_name, alias)
+
     async def report(self, task_id: str, event: dict[str, Any]) -> None:
         await self._core.report(task_id, event)
 

@@ -46,6 +46,7 @@ from server.deploy.specs import (
     NodeUsage,
     StageTimes,
 )
+from server.persistence.aliases import AliasRepository
 from server.persistence.deployments import DeploymentEvent, DeploymentRepository, DeployTask
 from server.persistence.mongo import ModelRepository, connect, database
 
@@ -78,15 +79,19 @@ class _Load:
     """The node chosen for the load (where its object-store budget was reserved)."""
     done: asyncio.Event = field(default_factory=asyncio.Event)
     runner: asyncio.Task[None] | None = None  # held so the event loop cannot drop the task
+    aliases: list[str] = field(default_factory=list)
+    """Aliases to point at the model once it is deployed (blue-green promotions)."""
 
 
 @dataclass
 class _Entry:
+    model_id: str
     copies: dict[str, Any]
     """Node id → ray.ObjectRef of the NamespaceModel whose primary copy is on that node."""
     namespace_id: str
     task_id: str
     info: DeploymentInfo
+    model_name: str
 
     def ref_for(self, node_id: str | None) -> Any:
         """The copy on the caller's node if there is one (zero-copy), else any."""
@@ -110,10 +115,16 @@ class CacheCore:
         self._loads_started = 0
         self._mongo: AsyncMongoClient[dict[str, Any]] | None = None
         self._background: set[asyncio.Task[Any]] = set()
+        self._replaced: dict[str, str] = {}
+        """Models an alias moved away from, and why: they leave after the grace period."""
         self._recorded_use: dict[str, float] = {}
         """Last use of each model as last written to MongoDB."""
         self._models: ModelRepository | None = None
         self._deployments: DeploymentRepository | None = None
+        self._aliases: AliasRepository | None = None
+        self._alias_targets: dict[tuple[str, str], str] = {}
+        """(namespace, "name@alias") → model id. Every alias write goes through this actor,
+        so what it holds is current; a new actor reads MongoDB again."""
 
     # ----- called by the service and by plugins -------------------------------------
 
@@ -130,7 +141,8 @@ class CacheCore:
         logger.info("model cache settings changed; reconnecting to MongoDB")
         self._config = config
         old_client, self._mongo = self._mongo, None
-        self._models = self._deployments = None
+        self._models = self._deployments = self._aliases = None
+        self._alias_targets.clear()
         if old_client is not None:
             # Closing ends the old client's server sessions: a round trip to the old address,
             # where another program may now listen and never answer. Not on this call's path.
@@ -154,12 +166,20 @@ class CacheCore:
             if options.all_nodes:
                 # Nodes that joined since (or lost their copy) get one, in the background.
                 self._start_background(self._add_missing_copies(model_id, entry))
+            if options.alias:  # green is deployed already: switch now, as an event of its deployment
+                message = await self._switch_alias(model_id, entry.namespace_id, entry.model_name, options.alias)
+                await self._append_event(entry, "aliased", message)
             return DeployTicket(task_id=entry.task_id, cached=True)
         running = self._loading.get(model_id)
         if running is not None:
+            if options.alias:
+                running.aliases.append(options.alias)
             return DeployTicket(task_id=running.task_id, cached=False)
         # Registered before the first await, so that concurrent calls join this load.
-        load = _Load(task_id=uuid.uuid4().hex, model_id=model_id, options=options)
+        load = _Load(
+            task_id=uuid.uuid4().hex, model_id=model_id, options=options,
+            aliases=[options.alias] if options.alias else [],
+        )
         self._loading[model_id] = load
         try:
             models, deployments = await self._repositories()
@@ -189,10 +209,13 @@ class CacheCore:
         """`[ref]` of a cached model (a list, so Ray does not resolve the ref), or None.
 
         `node_id` is the caller's node: the copy there, if any, is the zero-copy one.
+        `model_id` may be an alias reference, `name@alias` (then `namespace_id` is needed).
         """
-        entry = self._entries.get(model_id)
+        resolved = await self._resolve(model_id, namespace_id)
+        entry = self._entries.get(resolved) if resolved else None
         if entry is None or (namespace_id is not None and entry.namespace_id != namespace_id):
             return None
+        model_id = resolved or model_id
         # Every plugin load comes through here: the LRU clock costs no extra round trip.
         self._policy.touch(model_id, time.time())
         self._counters.add(self._counters.lookups, "hit")
@@ -202,6 +225,11 @@ class CacheCore:
         self, model_id: str, namespace_id: str | None = None, node_id: str | None = None
     ) -> list[Any]:
         """On-demand load for plugins: deploys if needed, waits, returns `[ref]`."""
+        reference = model_id
+        resolved = await self._resolve(reference, namespace_id)
+        if resolved is None:
+            raise ModelNotAvailable(f"alias {reference!r} not found in namespace {namespace_id!r}")
+        model_id = resolved
         if namespace_id is not None:
             models, _ = await self._repositories()
             if await models.get(namespace_id, model_id) is None:
@@ -223,6 +251,14 @@ class CacheCore:
             self._policy.touch(model_id, time.time())
             self._counters.add(self._counters.lookups, "hit")
 
+    async def point_alias(self, namespace_id: str, model_name: str, alias: str, model_id: str) -> str:
+        """SetAlias: points the alias at once (the model need not be deployed)."""
+        return await self._switch_alias(model_id, namespace_id, model_name, alias)
+
+    async def delete_alias(self, namespace_id: str, model_name: str, alias: str) -> bool:
+        self._alias_targets.pop((namespace_id, f"{model_name}@{alias}"), None)
+        return await (await self._alias_repository()).delete(namespace_id, model_name, alias)
+
     async def report(self, task_id: str, event: dict[str, Any]) -> None:
         """Progress from a load task (awaited by the task, so events keep their order)."""
         queue = self._progress.get(task_id)
@@ -239,6 +275,7 @@ class CacheCore:
         entry = self._entries.pop(model_id, None)
         self._policy.remove(model_id)
         self._recorded_use.pop(model_id, None)
+        self._replaced.pop(model_id, None)
         models, _ = await self._repositories()
         await models.set_deployment(model_id, status=DeploymentStatus.NOT_DEPLOYED, info=None, now=utc_now())
         return NOT_CACHED if entry is None else UNDEPLOYED
@@ -294,6 +331,55 @@ class CacheCore:
                     break
                 logger.warning("automatic redeploy of %s failed (attempt %d): %s", model_id, attempt, error)
                 await asyncio.sleep(AUTO_REDEPLOY_BACKOFF_SECONDS * attempt)
+
+    async def _resolve(self, reference: str, namespace_id: str | None) -> str | None:
+        """The model id a plugin's reference names: itself, or an alias's target (None if
+        the alias does not exist)."""
+        if "@" not in reference:
+            return reference
+        if namespace_id is None:
+            raise ModelNotAvailable(f"{reference!r} is an alias: load it with namespace_id")
+        key = (namespace_id, reference)
+        target = self._alias_targets.get(key)
+        if target is None:
+            model_name, _, alias = reference.rpartition("@")
+            found = await (await self._alias_repository()).get(namespace_id, model_name, alias)
+            if found is None:
+                return None
+            target = self._alias_targets[key] = found.model_id
+        return target
+
+    async def _switch_alias(self, model_id: str, namespace_id: str, model_name: str, alias: str) -> str:
+        """Points the alias at `model_id` in one write; the model it replaces ("blue")
+        stays cached for the grace period. Returns what happened, for the event stream."""
+        pointed = await (await self._alias_repository()).point(namespace_id, model_name, alias, model_id, utc_now())
+        self._alias_targets[(namespace_id, pointed.reference)] = model_id
+        if self._replaced.pop(model_id, None) is not None:  # a retiring blue is a target again: it stays
+            self._policy.set_options(model_id, pinned=None, idle_ttl_seconds=0.0)
+        message = f"alias {pointed.reference} now resolves to model {model_id}"
+        blue = pointed.previous_model_id
+        if blue and blue != model_id:
+            message += f" (was {blue})"
+            await self._retire(blue, namespace_id, f"replaced by model {model_id} as {pointed.reference}")
+        logger.info("%s", message)
+        return message
+
+    async def _retire(self, blue: str, namespace_id: str, why: str) -> None:
+        """After a switch: the old target leaves the cache after the grace period (at once
+        with 0), unless pinned or still the target of another alias."""
+        copies = self._policy.copies(blue)
+        if blue not in self._entries or any(copy.pinned for copy in copies):
+            return
+        if await (await self._alias_repository()).pointing_at(namespace_id, [blue]):
+            return
+        grace = self._config.alias_blue_grace_seconds
+        if grace <= 0:
+            for copy in copies:
+                await self._unload(copy, "undeployed", why)
+            return
+        if all(copy.idle_ttl_seconds == 0 or copy.idle_ttl_seconds > grace for copy in copies):
+            self._policy.set_options(blue, pinned=None, idle_ttl_seconds=grace)
+            self._replaced[blue] = why
 
     async def _record_use(self, model_id: str) -> None:
         """Keeps the model's pin and last use in MongoDB, for automatic redeploys."""
@@ -367,8 +453,14 @@ class CacheCore:
             db = database(self._mongo, self._config.database)
             self._models = ModelRepository(db)
             self._deployments = DeploymentRepository(db, self._config.deploy_task_retention_seconds)
+            self._aliases = AliasRepository(db)
             await self._deployments.ensure_indexes()
         return self._models, self._deployments
+
+    async def _alias_repository(self) -> AliasRepository:
+        await self._repositories()
+        assert self._aliases is not None
+        return self._aliases
 
     async def _record(self, load: _Load, state: str, **fields: Any) -> None:
         _, deployments = await self._repositories()
@@ -468,7 +560,10 @@ class CacheCore:
             deployed_at=now,
             node_ids=(node_id,),
         )
-        entry = _Entry(copies={node_id: weights_ref}, namespace_id=load.namespace_id, task_id=load.task_id, info=info)
+        entry = _Entry(
+            model_id=load.model_id, copies={node_id: weights_ref}, namespace_id=load.namespace_id, task_id=load.task_id, info=info,
+            model_name=model.metadata.name,
+        )
         self._entries[load.model_id] = entry
         self._policy.loaded(load.model_id, load.node_id, node_id, summary.nbytes)
         message = f"{summary.nbytes} bytes in the object store after {summary.seconds:.2f}s"
@@ -482,6 +577,8 @@ class CacheCore:
             info=dataclasses.replace(info, node_ids=tuple(entry.copies)), now=now,
         )
         await self._record_use(load.model_id)
+        for alias in load.aliases:  # green is deployed: the aliases switch to it now
+            message += "; " + await self._switch_alias(load.model_id, load.namespace_id, entry.model_name, alias)
         await self._record(load, "deployed", message=message)
 
     async def _add_missing_copies(self, model_id: str, entry: _Entry) -> None:
@@ -592,20 +689,26 @@ class CacheCore:
             return
         logger.info("model %s %s on node %s: %s", resident.model_id, state, resident.node_id, message)
         self._counters.add(self._counters.evictions, "lru" if state == "evicted" else "idle_ttl")
-        models, deployments = await self._repositories()
+        models, _ = await self._repositories()
         if entry.copies:  # other nodes still hold it: still deployed, on fewer nodes
             entry.info = dataclasses.replace(entry.info, node_ids=tuple(entry.copies))
             await models.set_deployment(resident.model_id, status=DeploymentStatus.DEPLOYED, info=entry.info, now=utc_now())
             return
         del self._entries[resident.model_id]
         self._recorded_use.pop(resident.model_id, None)
+        self._replaced.pop(resident.model_id, None)
         await models.set_deployment(
             resident.model_id, status=DeploymentStatus.NOT_DEPLOYED, info=None, now=utc_now(), error=f"{state}: {message}"
         )
+        await self._append_event(entry, state, message)
+
+    async def _append_event(self, entry: _Entry, state: str, message: str) -> None:
+        """An event after a deployment's end (evicted, undeployed, aliased) on its stream."""
+        _, deployments = await self._repositories()
         last = await deployments.last_event(entry.task_id)
         await deployments.append(
             DeploymentEvent(
-                task_id=entry.task_id, model_id=resident.model_id, namespace_id=entry.namespace_id,
+                task_id=entry.task_id, model_id=entry.model_id, namespace_id=entry.namespace_id,
                 sequence=(last.sequence if last is not None else 0) + 1, state=state, time=utc_now(), message=message,
             )
         )
@@ -636,11 +739,11 @@ class CacheCore:
                 last_use_flush = time.monotonic()
                 await self._flush_uses()
             for resident in self._policy.idle(time.time()):
+                why = f"unused for {resident.idle_ttl_seconds:g} s (idle_ttl_seconds)"
+                if resident.model_id in self._replaced:
+                    why = f"{self._replaced[resident.model_id]}, then unused for {resident.idle_ttl_seconds:g} s"
                 try:
-                    await self._unload(
-                        resident, "undeployed",
-                        f"unused for {resident.idle_ttl_seconds:g} s (idle_ttl_seconds); it loads again on demand",
-                    )
+                    await self._unload(resident, "undeployed", f"{why}; it loads again on demand")
                 except Exception:
                     logger.exception("could not undeploy idle model %s; retrying", resident.model_id)
 

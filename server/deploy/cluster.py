@@ -67,6 +67,14 @@ class RayModelCluster:
         outcome: str = await self._call(lambda actor: actor.undeploy.remote(model_id))
         return outcome
 
+    async def point_alias(self, namespace_id: str, model_name: str, alias: str, model_id: str) -> str:
+        message: str = await self._call(lambda actor: actor.point_alias.remote(namespace_id, model_name, alias, model_id))
+        return message
+
+    async def delete_alias(self, namespace_id: str, model_name: str, alias: str) -> bool:
+        deleted: bool = await self._call(lambda actor: actor.delete_alias.remote(namespace_id, model_name, alias))
+        return deleted
+
     async def metrics_snapshot(self) -> CacheSnapshot:
         snapshot: CacheSnapshot = await self._call(lambda actor: actor.metrics_snapshot.remote())
         return snapshot

@@ -58,6 +58,8 @@ class CacheConfig:
     """Share of each node's object store that cached models may take."""
     auto_redeploy: bool = True
     """Load again, without a call, the deployed models whose weights the cluster lost."""
+    alias_blue_grace_seconds: float = 300.0
+    """How long a model an alias moved away from stays cached (unused) before it leaves."""
 
 
 @dataclass(frozen=True)
@@ -103,6 +105,8 @@ class DeployOptions:
     """Free-form deployment parameters, kept on the deploy task."""
     trigger: str = ""
     """Why the deploy happens when no one asked: AUTO_REDEPLOY ("" for a request)."""
+    alias: str = ""
+    """Blue-green: point this alias of the model's name at it once it is deployed."""
     default_pin: bool = False
     default_idle_ttl_seconds: float = 0.0
     """The namespace's defaults, for a new load whose request left pin or the time-out unset."""

@@ -41,8 +41,10 @@ TASK_STATE_OF_EVENT = {
     # After the deployment completed: the cache let the weights go (LRU, idle time-out).
     "evicted": COMPLETED,
     "undeployed": COMPLETED,
+    # After the deployment completed: an alias moved to the deployed model.
+    "aliased": COMPLETED,
 }
-TERMINAL_EVENT_STATES = ("deployed", "failed", "evicted", "undeployed")
+TERMINAL_EVENT_STATES = ("deployed", "failed", "evicted", "undeployed", "aliased")
 
 
 @dataclass(frozen=True)

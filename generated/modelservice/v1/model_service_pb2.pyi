@@ -257,6 +257,7 @@ class CustomModelDocument(_message.Message):
     DEPLOYMENT_STATUS_FIELD_NUMBER: _builtins.int
     DEPLOYMENT_ERROR_FIELD_NUMBER: _builtins.int
     WEIGHTS_BYTES_FIELD_NUMBER: _builtins.int
+    ALIASES_FIELD_NUMBER: _builtins.int
     model_id: _builtins.str
     """Unique model id."""
     namespace_id: _builtins.str
@@ -313,6 +314,12 @@ class CustomModelDocument(_message.Message):
     def updated_at(self) -> _timestamp_pb2.Timestamp:
         """Last change of the document."""
 
+    @_builtins.property
+    def aliases(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Aliases of the namespace that point at this model (e.g. "production"); plugins load
+        it as `load_namespace_model("<name>@<alias>", namespace_id=...)`.
+        """
+
     def __init__(
         self,
         *,
@@ -336,10 +343,11 @@ class CustomModelDocument(_message.Message):
         deployment_status: _builtins.str = ...,
         deployment_error: _builtins.str = ...,
         weights_bytes: _builtins.float = ...,
+        aliases: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "deployment_info", b"deployment_info", "input_schema", b"input_schema", "output_schema", b"output_schema", "resource_requirements", b"resource_requirements", "updated_at", b"updated_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "deployed", b"deployed", "deployment_error", b"deployment_error", "deployment_info", b"deployment_info", "deployment_status", b"deployment_status", "framework", b"framework", "input_schema", b"input_schema", "model_archive_url", b"model_archive_url", "model_format", b"model_format", "model_hash", b"model_hash", "model_id", b"model_id", "name", b"name", "namespace_id", b"namespace_id", "output_schema", b"output_schema", "resource_requirements", b"resource_requirements", "size_bytes", b"size_bytes", "task_type", b"task_type", "updated_at", b"updated_at", "version", b"version", "weights_bytes", b"weights_bytes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["aliases", b"aliases", "created_at", b"created_at", "deployed", b"deployed", "deployment_error", b"deployment_error", "deployment_info", b"deployment_info", "deployment_status", b"deployment_status", "framework", b"framework", "input_schema", b"input_schema", "model_archive_url", b"model_archive_url", "model_format", b"model_format", "model_hash", b"model_hash", "model_id", b"model_id", "name", b"name", "namespace_id", b"namespace_id", "output_schema", b"output_schema", "resource_requirements", b"resource_requirements", "size_bytes", b"size_bytes", "task_type", b"task_type", "updated_at", b"updated_at", "version", b"version", "weights_bytes", b"weights_bytes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -757,6 +765,7 @@ class DeployModelRequest(_message.Message):
     NODE_IDS_FIELD_NUMBER: _builtins.int
     ALL_NODES_FIELD_NUMBER: _builtins.int
     CONFIG_FIELD_NUMBER: _builtins.int
+    ALIAS_FIELD_NUMBER: _builtins.int
     namespace_id: _builtins.str
     """Namespace that owns the model."""
     model_id: _builtins.str
@@ -778,6 +787,12 @@ class DeployModelRequest(_message.Message):
     plugins on any node are zero-copy from their first call. Each copy is admitted on its
     node like a load; a node without room is skipped (the deploy's message says so).
     On a model already cached, adds copies on the nodes that lack one, in the background.
+    """
+    alias: _builtins.str
+    """Blue-green promotion: once this model is deployed, the alias of its model name (e.g.
+    "production") points at it, in one write; until then it keeps resolving to the old
+    model, which stays cached for MODELSERVICE_ALIAS_BLUE_GRACE_SECONDS. If the deploy
+    fails, the alias does not move.
     """
     @_builtins.property
     def node_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
@@ -803,10 +818,11 @@ class DeployModelRequest(_message.Message):
         node_ids: _abc.Iterable[_builtins.str] | None = ...,
         all_nodes: _builtins.bool = ...,
         config: _struct_pb2.Struct | None = ...,
+        alias: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_idle_ttl_seconds", b"_idle_ttl_seconds", "_pin", b"_pin", "_wait", b"_wait", "config", b"config", "idle_ttl_seconds", b"idle_ttl_seconds", "pin", b"pin", "wait", b"wait"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_idle_ttl_seconds", b"_idle_ttl_seconds", "_pin", b"_pin", "_wait", b"_wait", "all_nodes", b"all_nodes", "config", b"config", "idle_ttl_seconds", b"idle_ttl_seconds", "model_id", b"model_id", "namespace_id", b"namespace_id", "node_ids", b"node_ids", "pin", b"pin", "wait", b"wait"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_idle_ttl_seconds", b"_idle_ttl_seconds", "_pin", b"_pin", "_wait", b"_wait", "alias", b"alias", "all_nodes", b"all_nodes", "config", b"config", "idle_ttl_seconds", b"idle_ttl_seconds", "model_id", b"model_id", "namespace_id", b"namespace_id", "node_ids", b"node_ids", "pin", b"pin", "wait", b"wait"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__idle_ttl_seconds: _TypeAlias = _typing.Literal["idle_ttl_seconds"]  # noqa: Y015
     _WhichOneofArgType__idle_ttl_seconds: _TypeAlias = _typing.Literal["_idle_ttl_seconds", b"_idle_ttl_seconds"]  # noqa: Y015
@@ -1257,6 +1273,7 @@ class InferenceDeployRequest(_message.Message):
     IDLE_TTL_SECONDS_FIELD_NUMBER: _builtins.int
     NODE_IDS_FIELD_NUMBER: _builtins.int
     ALL_NODES_FIELD_NUMBER: _builtins.int
+    ALIAS_FIELD_NUMBER: _builtins.int
     model_id: _builtins.str
     """Model to deploy."""
     namespace_id: _builtins.str
@@ -1267,6 +1284,7 @@ class InferenceDeployRequest(_message.Message):
     """As in DeployModelRequest."""
     idle_ttl_seconds: _builtins.float
     all_nodes: _builtins.bool
+    alias: _builtins.str
     @_builtins.property
     def config(self) -> _struct_pb2.Struct:
         """Free-form deployment parameters, kept on the task."""
@@ -1284,10 +1302,11 @@ class InferenceDeployRequest(_message.Message):
         idle_ttl_seconds: _builtins.float | None = ...,
         node_ids: _abc.Iterable[_builtins.str] | None = ...,
         all_nodes: _builtins.bool = ...,
+        alias: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_idle_ttl_seconds", b"_idle_ttl_seconds", "_pin", b"_pin", "_wait", b"_wait", "config", b"config", "idle_ttl_seconds", b"idle_ttl_seconds", "pin", b"pin", "wait", b"wait"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_idle_ttl_seconds", b"_idle_ttl_seconds", "_pin", b"_pin", "_wait", b"_wait", "all_nodes", b"all_nodes", "config", b"config", "idle_ttl_seconds", b"idle_ttl_seconds", "model_id", b"model_id", "namespace_id", b"namespace_id", "node_ids", b"node_ids", "pin", b"pin", "wait", b"wait"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_idle_ttl_seconds", b"_idle_ttl_seconds", "_pin", b"_pin", "_wait", b"_wait", "alias", b"alias", "all_nodes", b"all_nodes", "config", b"config", "idle_ttl_seconds", b"idle_ttl_seconds", "model_id", b"model_id", "namespace_id", b"namespace_id", "node_ids", b"node_ids", "pin", b"pin", "wait", b"wait"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__idle_ttl_seconds: _TypeAlias = _typing.Literal["idle_ttl_seconds"]  # noqa: Y015
     _WhichOneofArgType__idle_ttl_seconds: _TypeAlias = _typing.Literal["_idle_ttl_seconds", b"_idle_ttl_seconds"]  # noqa: Y015
@@ -1576,3 +1595,191 @@ class MlCommonsTask(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___MlCommonsTask: _TypeAlias = MlCommonsTask  # noqa: Y015
+
+@_typing.final
+class SetAliasRequest(_message.Message):
+    """Request of SetAlias."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAMESPACE_ID_FIELD_NUMBER: _builtins.int
+    MODEL_NAME_FIELD_NUMBER: _builtins.int
+    ALIAS_FIELD_NUMBER: _builtins.int
+    MODEL_ID_FIELD_NUMBER: _builtins.int
+    namespace_id: _builtins.str
+    """Namespace of the alias."""
+    model_name: _builtins.str
+    """The model name the alias belongs to."""
+    alias: _builtins.str
+    """Alias name, e.g. "production": letters, digits, ".", "_", "-" (64 at most)."""
+    model_id: _builtins.str
+    """A model of that name in the namespace."""
+    def __init__(
+        self,
+        *,
+        namespace_id: _builtins.str = ...,
+        model_name: _builtins.str = ...,
+        alias: _builtins.str = ...,
+        model_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alias", b"alias", "model_id", b"model_id", "model_name", b"model_name", "namespace_id", b"namespace_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetAliasRequest: _TypeAlias = SetAliasRequest  # noqa: Y015
+
+@_typing.final
+class AliasRequest(_message.Message):
+    """Request of GetAlias and DeleteAlias."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAMESPACE_ID_FIELD_NUMBER: _builtins.int
+    MODEL_NAME_FIELD_NUMBER: _builtins.int
+    ALIAS_FIELD_NUMBER: _builtins.int
+    namespace_id: _builtins.str
+    """Namespace of the alias."""
+    model_name: _builtins.str
+    """The model name the alias belongs to."""
+    alias: _builtins.str
+    """Alias name."""
+    def __init__(
+        self,
+        *,
+        namespace_id: _builtins.str = ...,
+        model_name: _builtins.str = ...,
+        alias: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alias", b"alias", "model_name", b"model_name", "namespace_id", b"namespace_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AliasRequest: _TypeAlias = AliasRequest  # noqa: Y015
+
+@_typing.final
+class ListAliasesRequest(_message.Message):
+    """Request of ListAliases."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAMESPACE_ID_FIELD_NUMBER: _builtins.int
+    namespace_id: _builtins.str
+    """Namespace whose aliases to list."""
+    def __init__(
+        self,
+        *,
+        namespace_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["namespace_id", b"namespace_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListAliasesRequest: _TypeAlias = ListAliasesRequest  # noqa: Y015
+
+@_typing.final
+class ModelAlias(_message.Message):
+    """A named pointer at a model of a model name."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAMESPACE_ID_FIELD_NUMBER: _builtins.int
+    MODEL_NAME_FIELD_NUMBER: _builtins.int
+    ALIAS_FIELD_NUMBER: _builtins.int
+    MODEL_ID_FIELD_NUMBER: _builtins.int
+    PREVIOUS_MODEL_ID_FIELD_NUMBER: _builtins.int
+    UPDATED_AT_FIELD_NUMBER: _builtins.int
+    REFERENCE_FIELD_NUMBER: _builtins.int
+    namespace_id: _builtins.str
+    """Namespace of the alias."""
+    model_name: _builtins.str
+    """Model name."""
+    alias: _builtins.str
+    """Alias name."""
+    model_id: _builtins.str
+    """The model it resolves to."""
+    previous_model_id: _builtins.str
+    """The model it resolved to before the last switch (empty for a new alias)."""
+    reference: _builtins.str
+    """What plugins pass to load_namespace_model: "<model_name>@<alias>"."""
+    @_builtins.property
+    def updated_at(self) -> _timestamp_pb2.Timestamp:
+        """When it last changed."""
+
+    def __init__(
+        self,
+        *,
+        namespace_id: _builtins.str = ...,
+        model_name: _builtins.str = ...,
+        alias: _builtins.str = ...,
+        model_id: _builtins.str = ...,
+        previous_model_id: _builtins.str = ...,
+        updated_at: _timestamp_pb2.Timestamp | None = ...,
+        reference: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["updated_at", b"updated_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alias", b"alias", "model_id", b"model_id", "model_name", b"model_name", "namespace_id", b"namespace_id", "previous_model_id", b"previous_model_id", "reference", b"reference", "updated_at", b"updated_at"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ModelAlias: _TypeAlias = ModelAlias  # noqa: Y015
+
+@_typing.final
+class ListAliasesResponse(_message.Message):
+    """The answer of ListAliases."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SUCCESS_FIELD_NUMBER: _builtins.int
+    ALIASES_FIELD_NUMBER: _builtins.int
+    success: _builtins.bool
+    """Always true on success."""
+    @_builtins.property
+    def aliases(self) -> _containers.RepeatedCompositeFieldContainer[Global___ModelAlias]:
+        """Sorted by model name, then alias."""
+
+    def __init__(
+        self,
+        *,
+        success: _builtins.bool = ...,
+        aliases: _abc.Iterable[Global___ModelAlias] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["aliases", b"aliases", "success", b"success"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListAliasesResponse: _TypeAlias = ListAliasesResponse  # noqa: Y015
+
+@_typing.final
+class DeleteAliasResponse(_message.Message):
+    """The answer of DeleteAlias."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SUCCESS_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    success: _builtins.bool
+    """Always true on success."""
+    message: _builtins.str
+    """What happened."""
+    def __init__(
+        self,
+        *,
+        success: _builtins.bool = ...,
+        message: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["message", b"message", "success", b"success"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteAliasResponse: _TypeAlias = DeleteAliasResponse  # noqa: Y015

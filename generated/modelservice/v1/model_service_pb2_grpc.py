@@ -99,6 +99,26 @@ class ModelServiceStub:
                 request_serializer=modelservice_dot_v1_dot_model__service__pb2.GetCacheStatusRequest.SerializeToString,
                 response_deserializer=modelservice_dot_v1_dot_model__service__pb2.CacheStatus.FromString,
                 _registered_method=True)
+        self.SetAlias = channel.unary_unary(
+                '/modelservice.v1.ModelService/SetAlias',
+                request_serializer=modelservice_dot_v1_dot_model__service__pb2.SetAliasRequest.SerializeToString,
+                response_deserializer=modelservice_dot_v1_dot_model__service__pb2.ModelAlias.FromString,
+                _registered_method=True)
+        self.GetAlias = channel.unary_unary(
+                '/modelservice.v1.ModelService/GetAlias',
+                request_serializer=modelservice_dot_v1_dot_model__service__pb2.AliasRequest.SerializeToString,
+                response_deserializer=modelservice_dot_v1_dot_model__service__pb2.ModelAlias.FromString,
+                _registered_method=True)
+        self.ListAliases = channel.unary_unary(
+                '/modelservice.v1.ModelService/ListAliases',
+                request_serializer=modelservice_dot_v1_dot_model__service__pb2.ListAliasesRequest.SerializeToString,
+                response_deserializer=modelservice_dot_v1_dot_model__service__pb2.ListAliasesResponse.FromString,
+                _registered_method=True)
+        self.DeleteAlias = channel.unary_unary(
+                '/modelservice.v1.ModelService/DeleteAlias',
+                request_serializer=modelservice_dot_v1_dot_model__service__pb2.AliasRequest.SerializeToString,
+                response_deserializer=modelservice_dot_v1_dot_model__service__pb2.DeleteAliasResponse.FromString,
+                _registered_method=True)
         self.InferenceDeploy = channel.unary_unary(
                 '/modelservice.v1.ModelService/InferenceDeploy',
                 request_serializer=modelservice_dot_v1_dot_model__service__pb2.InferenceDeployRequest.SerializeToString,
@@ -260,6 +280,35 @@ class ModelServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetAlias(self, request, context):
+        """Points an alias of a model name at one of that name's models at once (no deploy;
+        to switch only once the new model is deployed, deploy it with `alias`).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetAlias(self, request, context):
+        """One alias.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListAliases(self, request, context):
+        """Every alias of the namespace.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteAlias(self, request, context):
+        """Removes an alias (the model stays).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def InferenceDeploy(self, request, context):
         """----- The Inference Deployment Tasks API's own routes (seed 004) -----------------
         No namespace in these paths: it comes from the API key when the key is for exactly
@@ -386,6 +435,26 @@ def add_ModelServiceServicer_to_server(servicer, server):
                     servicer.GetCacheStatus,
                     request_deserializer=modelservice_dot_v1_dot_model__service__pb2.GetCacheStatusRequest.FromString,
                     response_serializer=modelservice_dot_v1_dot_model__service__pb2.CacheStatus.SerializeToString,
+            ),
+            'SetAlias': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetAlias,
+                    request_deserializer=modelservice_dot_v1_dot_model__service__pb2.SetAliasRequest.FromString,
+                    response_serializer=modelservice_dot_v1_dot_model__service__pb2.ModelAlias.SerializeToString,
+            ),
+            'GetAlias': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetAlias,
+                    request_deserializer=modelservice_dot_v1_dot_model__service__pb2.AliasRequest.FromString,
+                    response_serializer=modelservice_dot_v1_dot_model__service__pb2.ModelAlias.SerializeToString,
+            ),
+            'ListAliases': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListAliases,
+                    request_deserializer=modelservice_dot_v1_dot_model__service__pb2.ListAliasesRequest.FromString,
+                    response_serializer=modelservice_dot_v1_dot_model__service__pb2.ListAliasesResponse.SerializeToString,
+            ),
+            'DeleteAlias': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteAlias,
+                    request_deserializer=modelservice_dot_v1_dot_model__service__pb2.AliasRequest.FromString,
+                    response_serializer=modelservice_dot_v1_dot_model__service__pb2.DeleteAliasResponse.SerializeToString,
             ),
             'InferenceDeploy': grpc.unary_unary_rpc_method_handler(
                     servicer.InferenceDeploy,
@@ -757,6 +826,114 @@ class ModelService:
             '/modelservice.v1.ModelService/GetCacheStatus',
             modelservice_dot_v1_dot_model__service__pb2.GetCacheStatusRequest.SerializeToString,
             modelservice_dot_v1_dot_model__service__pb2.CacheStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetAlias(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/modelservice.v1.ModelService/SetAlias',
+            modelservice_dot_v1_dot_model__service__pb2.SetAliasRequest.SerializeToString,
+            modelservice_dot_v1_dot_model__service__pb2.ModelAlias.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetAlias(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/modelservice.v1.ModelService/GetAlias',
+            modelservice_dot_v1_dot_model__service__pb2.AliasRequest.SerializeToString,
+            modelservice_dot_v1_dot_model__service__pb2.ModelAlias.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListAliases(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/modelservice.v1.ModelService/ListAliases',
+            modelservice_dot_v1_dot_model__service__pb2.ListAliasesRequest.SerializeToString,
+            modelservice_dot_v1_dot_model__service__pb2.ListAliasesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteAlias(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/modelservice.v1.ModelService/DeleteAlias',
+            modelservice_dot_v1_dot_model__service__pb2.AliasRequest.SerializeToString,
+            modelservice_dot_v1_dot_model__service__pb2.DeleteAliasResponse.FromString,
             options,
             channel_credentials,
             insecure,

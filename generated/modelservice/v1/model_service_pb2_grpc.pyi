@@ -104,6 +104,16 @@ class ModelServiceStub:
     """Shows the model cache per Ray node: object-store capacity, the budget for models,
     what is used and pinned, and the caller's namespace's models there (bytes, last use).
     """
+    SetAlias: _grpc.UnaryUnaryMultiCallable[_model_service_pb2.SetAliasRequest, _model_service_pb2.ModelAlias]
+    """Points an alias of a model name at one of that name's models at once (no deploy;
+    to switch only once the new model is deployed, deploy it with `alias`).
+    """
+    GetAlias: _grpc.UnaryUnaryMultiCallable[_model_service_pb2.AliasRequest, _model_service_pb2.ModelAlias]
+    """One alias."""
+    ListAliases: _grpc.UnaryUnaryMultiCallable[_model_service_pb2.ListAliasesRequest, _model_service_pb2.ListAliasesResponse]
+    """Every alias of the namespace."""
+    DeleteAlias: _grpc.UnaryUnaryMultiCallable[_model_service_pb2.AliasRequest, _model_service_pb2.DeleteAliasResponse]
+    """Removes an alias (the model stays)."""
     InferenceDeploy: _grpc.UnaryUnaryMultiCallable[_model_service_pb2.InferenceDeployRequest, _model_service_pb2.ModelDeploymentResponse]
     """----- The Inference Deployment Tasks API's own routes (seed 004) -----------------
     No namespace in these paths: it comes from the API key when the key is for exactly
@@ -200,6 +210,16 @@ class ModelServiceAsyncStub(ModelServiceStub):
     """Shows the model cache per Ray node: object-store capacity, the budget for models,
     what is used and pinned, and the caller's namespace's models there (bytes, last use).
     """
+    SetAlias: _aio.UnaryUnaryMultiCallable[_model_service_pb2.SetAliasRequest, _model_service_pb2.ModelAlias]  # type: ignore[assignment]
+    """Points an alias of a model name at one of that name's models at once (no deploy;
+    to switch only once the new model is deployed, deploy it with `alias`).
+    """
+    GetAlias: _aio.UnaryUnaryMultiCallable[_model_service_pb2.AliasRequest, _model_service_pb2.ModelAlias]  # type: ignore[assignment]
+    """One alias."""
+    ListAliases: _aio.UnaryUnaryMultiCallable[_model_service_pb2.ListAliasesRequest, _model_service_pb2.ListAliasesResponse]  # type: ignore[assignment]
+    """Every alias of the namespace."""
+    DeleteAlias: _aio.UnaryUnaryMultiCallable[_model_service_pb2.AliasRequest, _model_service_pb2.DeleteAliasResponse]  # type: ignore[assignment]
+    """Removes an alias (the model stays)."""
     InferenceDeploy: _aio.UnaryUnaryMultiCallable[_model_service_pb2.InferenceDeployRequest, _model_service_pb2.ModelDeploymentResponse]  # type: ignore[assignment]
     """----- The Inference Deployment Tasks API's own routes (seed 004) -----------------
     No namespace in these paths: it comes from the API key when the key is for exactly
@@ -365,6 +385,40 @@ class ModelServiceServicer(metaclass=_abc_1.ABCMeta):
         """Shows the model cache per Ray node: object-store capacity, the budget for models,
         what is used and pinned, and the caller's namespace's models there (bytes, last use).
         """
+
+    @_abc_1.abstractmethod
+    def SetAlias(
+        self,
+        request: _model_service_pb2.SetAliasRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_model_service_pb2.ModelAlias, _abc.Awaitable[_model_service_pb2.ModelAlias]]:
+        """Points an alias of a model name at one of that name's models at once (no deploy;
+        to switch only once the new model is deployed, deploy it with `alias`).
+        """
+
+    @_abc_1.abstractmethod
+    def GetAlias(
+        self,
+        request: _model_service_pb2.AliasRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_model_service_pb2.ModelAlias, _abc.Awaitable[_model_service_pb2.ModelAlias]]:
+        """One alias."""
+
+    @_abc_1.abstractmethod
+    def ListAliases(
+        self,
+        request: _model_service_pb2.ListAliasesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_model_service_pb2.ListAliasesResponse, _abc.Awaitable[_model_service_pb2.ListAliasesResponse]]:
+        """Every alias of the namespace."""
+
+    @_abc_1.abstractmethod
+    def DeleteAlias(
+        self,
+        request: _model_service_pb2.AliasRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_model_service_pb2.DeleteAliasResponse, _abc.Awaitable[_model_service_pb2.DeleteAliasResponse]]:
+        """Removes an alias (the model stays)."""
 
     @_abc_1.abstractmethod
     def InferenceDeploy(
