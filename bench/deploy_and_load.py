@@ -1,95 +1,164 @@
-"""Deploy time and plugin load time for models of several sizes, with a baseline.
+"""Deploy time (by stage) and plugin load time for models of several sizes, with floors.
 
-    python bench/deploy_and_load.py [--mib 100 1024]
+    python -m bench.deploy_and_load [--mib 100 1024] [--compression "" gz]
 
-For each size: upload a safetensors .tar, time DeployModel (download, verify, decode, put
-into the object store), then time `load_namespace_model` inside a Ray task (median of
-several calls). Baselines in the same run: `ray.put` of the same numpy arrays from the
-driver (the floor of caching them), and a `ray.get` of that put from a Ray task. Writes
-bench/results/deploy_and_load.json.
+For each size and archive compression (a safetensors `.tar`, and the seed's `.tar.gz`):
+upload, time DeployModel (download, verify, decode, put into the object store) and each of
+its stages (from the deployment's events), then time `load_namespace_model` inside a Ray
+task (median of several repeat calls). Floors in the same run: sha256 of the `.tar` plus
+`ray.put` of the same numpy arrays from the driver (what a deploy cannot avoid), and a raw
+`ray.get` of that put from a Ray task. Each archive is deployed `--deploys` times
+(undeployed between) and the medians are reported. Writes bench/results/deploy_and_load.json.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import asyncio
+import hashlib
 import statistics
 import tarfile
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import ray
 import safetensors.numpy
 
-from bench.harness import bench_service, time_raw_gets, write_result, write_weights
+from pymongo import AsyncMongoClient
+
+from bench.harness import bench_service, time_raw_gets, timed, write_result, write_weights
 from modelservice_sdk.client import ModelServiceClient, UploadFields
 from modelservice_sdk.loader import load_namespace_model
+from server.persistence.deployments import DeploymentRepository
+from server.persistence.mongo import database
 
 MIB = 1024 * 1024
 
 
 @ray.remote(num_cpus=0)
-def _time_plugin_loads(model_id: str, repeat: int) -> list[float]:
-    samples = []
+def _time_plugin_loads(model_id: str, repeat: int) -> dict[str, list[float]]:
+    """Repeat calls in one Ray worker: while the plugin holds the model (the usual case),
+    and after letting go of it each time (then each call asks the cache again)."""
+    held, released = [], []
+    model = load_namespace_model(model_id)  # the first call of this worker: not counted
     for _ in range(repeat):
         started = time.perf_counter()
         model = load_namespace_model(model_id)
-        assert all(not a.flags.writeable for a in model.tensors.values())
-        samples.append(time.perf_counter() - started)
+        held.append(time.perf_counter() - started)
+    assert all(not a.flags.writeable for a in model.tensors.values())
+    del model
+    for _ in range(repeat):
+        gc.collect()  # the model may sit in a reference cycle: really let go of it
+        started = time.perf_counter()
+        model = load_namespace_model(model_id)
+        released.append(time.perf_counter() - started)
         del model
-    return samples
+    return {"held": held, "released": released}
 
 
 
-async def main(sizes: list[int], repeat: int) -> None:
+def _read_stored(app: Any, namespace: str, model_id: str) -> None:
+    """Reads the stored archive the way a load task does (the archive store's own speed)."""
+    from server.deploy.extraction import read_archive
+    from server.deploy.specs import StoreConfig
+
+    for _ in read_archive(StoreConfig.from_settings(app.settings), f"{namespace}/{model_id}/archive"):
+        pass
+
+
+def _stage_seconds(events: list[Any]) -> dict[str, float]:
+    """Seconds spent in each state, from its first event to the next state's first."""
+    starts: dict[str, float] = {}
+    for event in events:
+        starts.setdefault(event.state, event.time.timestamp())
+    ordered = list(starts.items())
+    return {state: round(following - at, 3) for (state, at), (_, following) in zip(ordered, ordered[1:])}
+
+
+async def main(sizes: list[int], compressions: list[str], repeat: int, deploys: int) -> None:
     results = []
     with tempfile.TemporaryDirectory(prefix="modelservice-bench-") as scratch:
         work = Path(scratch)
         async with bench_service(work) as (app, namespace, key):
+            mongo: Any = AsyncMongoClient(app.mongodb_uri, tz_aware=True)
+            deployments = DeploymentRepository(database(mongo, app.settings.mongodb_database))
             environment = {"env_vars": {"MODELSERVICE_MONGODB_DATABASE": app.settings.mongodb_database}}
             async with ModelServiceClient(app.address, key) as client:
                 for size_mib in sizes:
                     weights = write_weights(work / f"m{size_mib}" / "model.safetensors", size_mib * MIB)
-                    archive = work / f"m{size_mib}.tar"
-                    with tarfile.open(archive, "w") as tar:
-                        tar.add(weights, arcname="model/model.safetensors")
-                    uploaded = await client.upload_file(
-                        archive, UploadFields(namespace, f"m{size_mib}", "1", "safetensors", memory_gb=0.5)
-                    )
-                    started = time.perf_counter()
-                    deployed = await client.deploy_model(namespace, uploaded.model_id)
-                    deploy_seconds = time.perf_counter() - started
-                    assert deployed.deployment_status == "deployed", deployed.message
-                    loads = await _time_plugin_loads.options(runtime_env=environment).remote(uploaded.model_id, repeat)
                     arrays = safetensors.numpy.load_file(str(weights))
-                    started = time.perf_counter()
-                    baseline_ref = ray.put(arrays)
-                    put_seconds = time.perf_counter() - started
-                    raw_gets = await time_raw_gets.remote([baseline_ref], repeat)
-                    del baseline_ref, arrays
-                    load_median = statistics.median(loads[1:] or loads)
-                    results.append(
-                        {
+                    # Floors first: the puts also touch the object store's pages once, which
+                    # every deploy after the first would otherwise get for free.
+                    put_seconds = statistics.median(timed(lambda: ray.put(arrays), 3))
+                    tar_seconds = 0.0
+                    for compression in compressions:
+                        archive = work / f"m{size_mib}.tar{'.' + compression if compression else ''}"
+                        with tarfile.open(archive, "w:gz" if compression == "gz" else "w") as tar:
+                            tar.add(weights, arcname="model/model.safetensors")
+                        name = f"m{size_mib}{compression}"
+                        uploaded = await client.upload_file(archive, UploadFields(namespace, name, "1", "safetensors", memory_gb=0.5))
+                        deploy_times: list[float] = []
+                        stage_times: list[dict[str, float]] = []
+                        for attempt in range(deploys):
+                            if attempt:
+                                await client.undeploy_model(namespace, uploaded.model_id)
+                            started = time.perf_counter()
+                            deployed = await client.deploy_model(namespace, uploaded.model_id)
+                            deploy_times.append(time.perf_counter() - started)
+                            assert deployed.deployment_status == "deployed", deployed.message
+                            stage_times.append(_stage_seconds(await deployments.events_after(deployed.task_id, 0)))
+                        deploy_seconds = statistics.median(deploy_times)
+                        loads = await _time_plugin_loads.options(runtime_env=environment).remote(uploaded.model_id, repeat)
+                        hash_seconds = statistics.median(timed(lambda: hashlib.file_digest(archive.open("rb"), "sha256"), 3))
+                        read_seconds = statistics.median(timed(lambda: _read_stored(app, namespace, uploaded.model_id), 2))
+                        baseline_ref = ray.put(arrays)
+                        raw_gets = await time_raw_gets.remote([baseline_ref], repeat)
+                        del baseline_ref
+                        await client.undeploy_model(namespace, uploaded.model_id)
+                        tar_seconds = tar_seconds or deploy_seconds
+                        load_median = statistics.median(loads["held"])
+                        released_median = statistics.median(loads["released"])
+                        raw_get = statistics.median(raw_gets[1:] or raw_gets)
+                        results.append({
                             "model_mib": size_mib,
-                            "deploy_seconds": deploy_seconds,
-                            "first_load_seconds": loads[0],
-                            "warm_load_seconds_median": load_median,
-                            "baseline_ray_put_seconds": put_seconds,
-                            "baseline_ray_get_seconds_median": statistics.median(raw_gets[1:] or raw_gets),
-                            "deploy_vs_put_ratio": deploy_seconds / put_seconds,
-                            "load_vs_raw_get_ratio": load_median / statistics.median(raw_gets[1:] or raw_gets),
-                        }
-                    )
-                    archive.unlink()
+                            "archive": archive.name.split(".", 1)[1],
+                            "deploy_seconds": round(deploy_seconds, 3),
+                            "deploys": deploys,
+                            "deploy_seconds_all": [round(t, 3) for t in deploy_times],
+                            "stage_seconds_median": {
+                                stage: round(statistics.median(times[stage] for times in stage_times), 3)
+                                for stage in stage_times[0]
+                            },
+                            "floor_sha256_seconds": round(hash_seconds, 3),
+                            "floor_ray_put_seconds": round(put_seconds, 3),
+                            "deploy_vs_floor_ratio": round(deploy_seconds / (hash_seconds + put_seconds), 2),
+                            "store_read_seconds": round(read_seconds, 3),
+                            "deploy_vs_floor_with_store_read_ratio": round(
+                                deploy_seconds / (max(hash_seconds, read_seconds) + put_seconds), 2
+                            ),
+                            "deploy_vs_tar_ratio": round(deploy_seconds / tar_seconds, 2),
+                            "repeat_load_held_seconds_median": round(load_median, 6),
+                            "repeat_load_released_seconds_median": round(released_median, 6),
+                            "raw_get_seconds_median": round(raw_get, 6),
+                            "held_load_vs_raw_get_ratio": round(load_median / raw_get, 3),
+                            "released_load_vs_raw_get_ratio": round(released_median / raw_get, 2),
+                        })
+                        archive.unlink()
+                    del arrays
                     weights.unlink()
+            await mongo.close()
     write_result("deploy_and_load", {"repeat": repeat, "runs": results, "np_version": np.__version__})
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--mib", type=int, nargs="+", default=[100, 1024])
-    parser.add_argument("--repeat", type=int, default=7)
+    parser.add_argument("--compression", nargs="+", default=["", "gz"], help='"" for .tar, gz for .tar.gz')
+    parser.add_argument("--repeat", type=int, default=7, help="plugin loads timed per model")
+    parser.add_argument("--deploys", type=int, default=3, help="deploys timed per archive (median)")
     options = parser.parse_args()
-    asyncio.run(main(options.mib, options.repeat))
+    asyncio.run(main(options.mib, options.compression, options.repeat, options.deploys))

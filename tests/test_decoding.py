@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import mmap
 import json
 from pathlib import Path
 
@@ -20,7 +21,22 @@ def test_safetensors_tensors_are_mapped_from_the_file_without_a_copy(tmp_path: P
     model = decode_model(tmp_path, "id", "safetensors", "digest")
     for name, array in weights.items():
         assert np.array_equal(model.tensors[name], array)
-        assert isinstance(model.tensors[name].base, np.memmap)
+        view = model.tensors[name]
+        owner: object = view
+        while isinstance(owner, np.ndarray):
+            owner = owner.base
+        # A view on a read-only mapping of the file: no copy, and nothing can write to it.
+        assert isinstance(owner, memoryview) and isinstance(owner.obj, mmap.mmap)
+        assert not view.flags.owndata and not view.flags.writeable
+
+
+def test_safetensors_held_in_memory_decode_to_views_on_those_bytes(tmp_path: Path) -> None:
+    weights = model_files.reference_weights()
+    data = bytearray(model_files.safetensors_bytes())
+    model = decode_model(tmp_path, "id", "safetensors", "digest", in_memory={"m/model.safetensors": data})
+    for name, array in weights.items():
+        assert np.array_equal(model.tensors[name], array)
+        assert np.shares_memory(model.tensors[name], np.frombuffer(data, dtype=np.uint8))
 
 
 def test_bfloat16_and_scalars_survive_the_round_trip_through_numpy(tmp_path: Path) -> None:

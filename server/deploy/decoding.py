@@ -12,9 +12,11 @@ any other path named inside a model resolve only to that model's own extracted f
 
 from __future__ import annotations
 
+import mmap
+import os
 import pickle
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -44,21 +46,28 @@ DEFAULT_MAX_UNPACKED_BYTES = 256 * 1024 * 1024 * 1024
 
 __all__ = ["DecodeError", "confined_file", "decode_model"]
 
+Buffer = mmap.mmap | bytes | bytearray | memoryview
+"""The bytes of a member unpacked into memory."""
+
 
 def decode_model(
-    root: Path, model_id: str, model_format: str, sha256: str, *, max_unpacked_bytes: int = DEFAULT_MAX_UNPACKED_BYTES
+    root: Path, model_id: str, model_format: str, sha256: str, *, max_unpacked_bytes: int = DEFAULT_MAX_UNPACKED_BYTES,
+    in_memory: Mapping[str, Buffer] | None = None,
 ) -> NamespaceModel:
-    files = sorted(p for p in root.rglob("*") if p.is_file())
+    """Decodes the model unpacked under `root`; `in_memory` holds members unpacked into
+    memory instead (relative path → bytes), which count as files of the archive."""
+    in_memory = in_memory or {}
+    files = sorted([p for p in root.rglob("*") if p.is_file()] + [root / relative for relative in in_memory])
     declared = ModelFormat(model_format)
     model = NamespaceModel(model_id=model_id, model_format=model_format, kind=model_format, sha256=sha256)
     if declared is ModelFormat.SAFETENSORS:
-        _load_safetensors(model, [p for p in files if p.name.endswith(SAFETENSORS_SUFFIX)], root)
+        _load_safetensors(model, [p for p in files if p.name.endswith(SAFETENSORS_SUFFIX)], root, in_memory)
     elif declared is ModelFormat.ONNX:
         _load_onnx(model, _first(files, ONNX_SUFFIX, "an .onnx file"), root)
     elif declared is ModelFormat.PYTORCH:
         _load_pytorch(model, _first(files, TORCH_SUFFIXES, "a PyTorch file"), root, max_unpacked_bytes)
     else:
-        _load_huggingface(model, files, root)
+        _load_huggingface(model, files, root, in_memory)
     if not model.tensors:
         raise DecodeError("NO_WEIGHTS", "the archive's model holds no tensors")
     return model
@@ -92,46 +101,47 @@ def _put_array(model: NamespaceModel, name: str, array: np.ndarray, real_dtype: 
         model.tensor_dtypes[name] = real_dtype
 
 
-def _load_safetensors(model: NamespaceModel, paths: list[Path], root: Path) -> None:
-    """Maps each tensor straight from the file (np.memmap): the only copy of the weights
-    is the one Ray makes into its object store."""
+def _load_safetensors(
+    model: NamespaceModel, paths: list[Path], root: Path, in_memory: Mapping[str, Buffer] | None = None
+) -> None:
+    """Views each tensor straight on the member's bytes (held in memory, or a read-only
+    mapping of the file): the only copy of the weights is the one Ray makes into its
+    object store."""
     if not paths:
         raise DecodeError("FORMAT_FILE_MISSING", "the archive holds no .safetensors file")
     for path in paths:
         relative = str(path.relative_to(root))
-        size = path.stat().st_size
-        with path.open("rb") as handle:
-            prefix = handle.read(8)
-            header_length = int.from_bytes(prefix, "little") if len(prefix) == 8 else 0
-            if header_length > MAX_SAFETENSORS_HEADER:
-                raise DecodeError("CORRUPT_WEIGHTS", f"{relative}: the header is implausibly large")
-            head = prefix + handle.read(header_length)
-        try:
-            header = validate_safetensors_header(relative, head, size)
-        except InvalidArchive as error:
-            raise DecodeError("CORRUPT_WEIGHTS", error.message) from None
-        data_start = 8 + header_length
-        for name, info in header.items():
-            if name == "__metadata__":
-                continue
-            assert isinstance(info, dict)  # validated above
-            numpy_dtype, real_dtype = SAFETENSORS_NUMPY_DTYPES[info["dtype"]]
-            shape = tuple(info["shape"])
-            begin, end = info["data_offsets"]
-            if name in model.tensors:
-                raise DecodeError("DUPLICATE_TENSOR", f"tensor {name!r} appears in more than one weights file")
-            if end > begin and shape:
-                # A plain ndarray view of the mapping (not the memmap subclass, which Ray
-                # would hand back to readers as a writable copy).
-                mapped = np.memmap(path, dtype=numpy_dtype, mode="r", offset=data_start + begin, shape=shape)
-                array: np.ndarray = mapped.view(np.ndarray)
-            else:  # scalars and empty tensors: np.memmap cannot map zero bytes or shape ()
-                with path.open("rb") as handle:
-                    handle.seek(data_start + begin)
-                    array = np.frombuffer(handle.read(end - begin), dtype=numpy_dtype).reshape(shape)
-            model.tensors[name] = array
-            if real_dtype is not None:
-                model.tensor_dtypes[name] = real_dtype
+        held = (in_memory or {}).get(relative)
+        _view_safetensors(model, relative, memoryview(held if held is not None else _mapped(path)))
+
+
+def _mapped(path: Path) -> Buffer:
+    """The file's bytes as a read-only mapping (an empty file cannot be mapped)."""
+    with path.open("rb") as handle:
+        if os.fstat(handle.fileno()).st_size == 0:
+            return b""
+        return mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
+
+
+def _view_safetensors(model: NamespaceModel, relative: str, data: memoryview) -> None:
+    """The tensors of a safetensors file, as plain ndarray views on its bytes (not
+    np.memmap, which Ray would hand back to readers as a writable copy)."""
+    header_length = int.from_bytes(data[:8], "little") if len(data) >= 8 else 0
+    if header_length > MAX_SAFETENSORS_HEADER:
+        raise DecodeError("CORRUPT_WEIGHTS", f"{relative}: the header is implausibly large")
+    try:
+        header = validate_safetensors_header(relative, bytes(data[: 8 + header_length]), len(data))
+    except InvalidArchive as error:
+        raise DecodeError("CORRUPT_WEIGHTS", error.message) from None
+    data_start = 8 + header_length
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        assert isinstance(info, dict)  # validated above
+        numpy_dtype, real_dtype = SAFETENSORS_NUMPY_DTYPES[info["dtype"]]
+        begin, end = info["data_offsets"]
+        array = np.frombuffer(data[data_start + begin : data_start + end], dtype=numpy_dtype).reshape(tuple(info["shape"]))
+        _put_array(model, name, array, real_dtype)
 
 
 def confined_file(root: Path, base: Path, reference: str) -> Path:
@@ -281,7 +291,7 @@ def _torch_state_dict(path: Path, root: Path) -> dict[str, Any]:
     return tensors
 
 
-def _load_huggingface(model: NamespaceModel, files: list[Path], root: Path) -> None:
+def _load_huggingface(model: NamespaceModel, files: list[Path], root: Path, in_memory: Mapping[str, Buffer]) -> None:
     configs = sorted((p for p in files if p.name == HF_CONFIG), key=lambda p: len(p.parts))
     if not configs:
         raise DecodeError("FORMAT_FILE_MISSING", f"the archive holds no {HF_CONFIG}")
@@ -289,7 +299,7 @@ def _load_huggingface(model: NamespaceModel, files: list[Path], root: Path) -> N
     inside = [p for p in files if p.is_relative_to(model_dir)]
     safetensors_files = [p for p in inside if p.name.endswith(SAFETENSORS_SUFFIX)]
     if safetensors_files:
-        _load_safetensors(model, safetensors_files, root)
+        _load_safetensors(model, safetensors_files, root, in_memory)
     else:
         torch_files = [p for p in inside if p.name.endswith(TORCH_SUFFIXES)]
         if not torch_files:
@@ -300,8 +310,10 @@ def _load_huggingface(model: NamespaceModel, files: list[Path], root: Path) -> N
     weights = set(safetensors_files) | {p for p in inside if p.name.endswith(TORCH_SUFFIXES + (ONNX_SUFFIX,))}
     kept = 0
     for path in inside:
+        if path in weights:
+            continue
         size = path.stat().st_size
-        if path in weights or size > MAX_COMPANION_FILE_BYTES:
+        if size > MAX_COMPANION_FILE_BYTES:
             continue
         kept += size
         if kept > MAX_COMPANION_FILES_TOTAL_BYTES or len(model.files) >= MAX_COMPANION_FILES:

@@ -1,12 +1,21 @@
 """Streams an archive from the store into a scratch directory, hashing it on the way.
 
-Runs inside a Ray task; one pass over the bytes, no copy of the archive on disk. The same tar reader and inflaters as upload inspection are used,
-so the same hostile-archive rules apply (no links, no absolute paths, no `..`).
+Runs inside a Ray task; one pass over the bytes, no copy of the archive on disk. The same
+tar reader and inflaters as upload inspection are used, so the same hostile-archive rules
+apply (no links, no absolute paths, no `..`).
+
+Two threads share the work: one reads the store and hashes (socket reads and sha256 both
+release the GIL), the other inflates, parses and writes members, so downloading and
+unpacking overlap instead of taking turns.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import mmap
+import queue
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +27,8 @@ from server.deploy.specs import LOCAL_STORE, StoreConfig
 from server.errors import InvalidArchive
 
 READ_CHUNK = 8 * 1024 * 1024
+CHUNKS_IN_FLIGHT = 4
+"""Chunks read ahead of the unpacking thread (bounded memory: 4 x 8 MiB)."""
 
 
 def read_archive(store: StoreConfig, archive_key: str) -> Iterator[bytes]:
@@ -45,17 +56,32 @@ def read_archive(store: StoreConfig, archive_key: str) -> Iterator[bytes]:
         body.close()
 
 
+IN_MEMORY_SUFFIXES = (".safetensors",)
+"""Members kept in memory rather than written to scratch: safetensors weights are decoded
+as views on their bytes, so a disk round trip would only add a write and a read (a 1 GiB
+write took 2.8 s on the 2-core machines, longer than hashing and caching together)."""
+
+
 class _DiskWriter(MemberHandler):
-    """Writes members under the root. The tar reader has already refused unsafe and
-    duplicate paths; the writer still creates each file exclusively (never through an
-    existing file or link), and reports a clash as a bad archive, not as a server path."""
+    """Writes members under the root, or into memory for weights decoded in place. The tar
+    reader has already refused unsafe and duplicate paths; the writer still creates each
+    file exclusively (never through an existing file or link), and reports a clash as a
+    bad archive, not as a server path."""
 
     def __init__(self, root: Path) -> None:
         self._root = root
         self._handle: IO[bytes] | None = None
+        self._buffer: mmap.mmap | None = None
+        self._filled = 0
+        self.in_memory: dict[str, mmap.mmap] = {}
+        """Relative path → the member's bytes (anonymous memory, released with the model)."""
 
     def on_member_start(self, member: TarMember) -> None:
         target = self._root / member.path
+        if not member.is_directory and member.path.endswith(IN_MEMORY_SUFFIXES) and member.size > 0:
+            self._buffer = self.in_memory[member.path] = mmap.mmap(-1, member.size)
+            self._filled = 0
+            return
         try:
             if member.is_directory:
                 target.mkdir(parents=True, exist_ok=True)
@@ -69,10 +95,14 @@ class _DiskWriter(MemberHandler):
             ) from None
 
     def on_member_data(self, data: memoryview) -> None:
-        if self._handle is not None:
+        if self._buffer is not None:
+            self._buffer[self._filled : self._filled + len(data)] = data
+            self._filled += len(data)
+        elif self._handle is not None:
             self._handle.write(data)
 
     def on_member_end(self) -> None:
+        self._buffer = None
         if self._handle is not None:
             self._handle.close()
             self._handle = None
@@ -86,6 +116,8 @@ class Extraction:
     """Digest of every byte read, whether or not the archive could be unpacked."""
     error: InvalidArchive | None
     """Why unpacking stopped early, if it did (the caller decides what that means)."""
+    in_memory: dict[str, mmap.mmap]
+    """Members unpacked into memory instead of the destination (see IN_MEMORY_SUFFIXES)."""
 
 
 def extract_archive(
@@ -101,7 +133,6 @@ def extract_archive(
     An archive that cannot be unpacked is still read and hashed to its end, so that a
     tampered archive is reported as a digest mismatch rather than as a parse error.
     """
-    digest = hashlib.sha256()
     unpacked = 0
 
     def count(size: int) -> None:
@@ -118,11 +149,8 @@ def extract_archive(
     inflater: Inflater | None = None
     head = bytearray()
     error: InvalidArchive | None = None
-    done = 0
-    for chunk in chunks:
-        digest.update(chunk)
-        done += len(chunk)
-        on_progress(done)
+    hashed = _HashingReader(chunks, on_progress)
+    for chunk in hashed.chunks():
         if error is not None:
             continue
         try:
@@ -147,4 +175,53 @@ def extract_archive(
         except InvalidArchive as failure:
             error = failure
     writer.close()
-    return Extraction(sha256=digest.hexdigest(), error=error)
+    return Extraction(sha256=hashed.hexdigest(), error=error, in_memory=writer.in_memory)
+
+
+class _HashingReader:
+    """Reads and hashes `chunks` in a thread of its own, a few chunks ahead of the caller."""
+
+    _END = object()
+
+    def __init__(self, chunks: Iterator[bytes], on_progress: Callable[[int], None]) -> None:
+        self._source = chunks
+        self._on_progress = on_progress
+        self._digest = hashlib.sha256()
+        self._queue: queue.Queue[object] = queue.Queue(maxsize=CHUNKS_IN_FLIGHT)
+        self._failure: BaseException | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._read, name="archive-reader", daemon=True)
+
+    def chunks(self) -> Iterator[bytes]:
+        """Every chunk, in order; the reader's failure is raised here."""
+        self._thread.start()
+        try:
+            while (item := self._queue.get()) is not self._END:
+                assert isinstance(item, bytes)
+                yield item
+        finally:
+            self._stop.set()
+            while self._thread.is_alive():  # unblock a reader waiting on a full queue
+                with contextlib.suppress(queue.Empty):
+                    self._queue.get_nowait()
+                self._thread.join(timeout=0.05)
+        if self._failure is not None:
+            raise self._failure
+
+    def hexdigest(self) -> str:
+        return self._digest.hexdigest()
+
+    def _read(self) -> None:
+        done = 0
+        try:
+            for chunk in self._source:
+                if self._stop.is_set():
+                    return
+                self._digest.update(chunk)
+                done += len(chunk)
+                self._on_progress(done)
+                self._queue.put(chunk)
+        except BaseException as failure:  # handed to the consuming thread
+            self._failure = failure
+        finally:
+            self._queue.put(self._END)

@@ -65,7 +65,8 @@ def run_load(spec: LoadSpec, report: Reporter, node_id: str = "") -> tuple[Names
         if extraction.error is not None:
             raise extraction.error
         model = decode_model(
-            extracted, spec.model_id, spec.model_format, extraction.sha256, max_unpacked_bytes=spec.max_unpacked_bytes
+            extracted, spec.model_id, spec.model_format, extraction.sha256, max_unpacked_bytes=spec.max_unpacked_bytes,
+            in_memory=extraction.in_memory,
         )
         stage = CACHE
         report({"state": "caching", "message": f"{len(model.tensors)} tensors, {model.nbytes} bytes"})

@@ -947,8 +947,9 @@ class DeploymentEvent(_message.Message):
     model_id: _builtins.str
     """Model id."""
     state: _builtins.str
-    """"queued", "downloading", "verifying", "decoding", "caching", "deployed", "failed",
-    or "heartbeat" for a keep-alive that carries no change.
+    """"queued", "downloading", "verifying", "decoding", "caching", "deployed", "failed";
+    after the end: "evicted", "undeployed", or "aliased" (an alias moved to the
+    model); or "heartbeat" for a keep-alive that carries no change.
     """
     bytes_done: _builtins.float
     """Bytes of the archive read so far (downloading)."""
