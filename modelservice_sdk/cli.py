@@ -243,6 +243,9 @@ def _describe_model(body: dict[str, Any]) -> str:
     info = model.get("deployment_info")
     if info:
         lines.append(f"  load with   {info['endpoint']} on {info['ray_cluster_url']} (since {info.get('deployed_at', '?')})")
+        lines.append(f"  on nodes    {', '.join(info.get('node_ids') or []) or '?'}")
+    if model.get("aliases"):
+        lines.append(f"  aliases     {', '.join(model['name'] + '@' + alias for alias in model['aliases'])}")
     return "\n".join(lines)
 
 

@@ -115,3 +115,22 @@ async def test_cache_shows_each_node_and_the_namespaces_cached_models(
     assert shown.out.startswith("node ") and "budget used" in shown.out
     assert model_id in shown.out and "(pinned)" in shown.out
     assert (await cli(app.address, tenant.api_key, "undeploy", model_id, *ns)).code == 0
+
+
+async def test_aliases_from_the_command_line_and_a_blue_green_deploy(
+    app: ModelServiceApp, tenant: Tenant, tmp_path: Path
+) -> None:
+    ns = ("--namespace", tenant.namespace_id)
+    first = json.loads((await cli_upload(app.address, tenant, build_model_archive(tmp_path, "onnx"), "onnx", "ranker")).out)
+    deployed = await cli(app.address, tenant.api_key, "deploy", first["model_id"], *ns, "--alias", "production")
+    assert deployed.code == 0, deployed.err
+    shown = await cli(app.address, tenant.api_key, "get", first["model_id"], *ns)
+    listed = await cli(app.address, tenant.api_key, "alias", "list", *ns)
+    refused = await cli(app.address, tenant.api_key, "delete", first["model_id"], *ns)
+    usage = await cli(app.address, tenant.api_key, "alias", "set", "no-at-sign", *ns)
+    removed = await cli(app.address, tenant.api_key, "alias", "delete", "ranker@production", *ns)
+    assert "aliases     ranker@production" in shown.out
+    assert listed.out.strip() == f"ranker@production -> {first['model_id']}"
+    assert refused.code != 0 and "MODEL_ALIASED" in refused.err
+    assert usage.code != 0 and "alias set <name>@<alias> <model_id>" in usage.err
+    assert removed.code == 0 and "deleted" in removed.out
