@@ -215,9 +215,8 @@ class CacheCore:
         entry = self._entries.get(resolved) if resolved else None
         if entry is None or (namespace_id is not None and entry.namespace_id != namespace_id):
             return None
-        model_id = resolved or model_id
         # Every plugin load comes through here: the LRU clock costs no extra round trip.
-        self._policy.touch(model_id, time.time())
+        self._policy.touch(entry.model_id, time.time())
         self._counters.add(self._counters.lookups, "hit")
         return [entry.ref_for(node_id)]
 
@@ -225,10 +224,9 @@ class CacheCore:
         self, model_id: str, namespace_id: str | None = None, node_id: str | None = None
     ) -> list[Any]:
         """On-demand load for plugins: deploys if needed, waits, returns `[ref]`."""
-        reference = model_id
-        resolved = await self._resolve(reference, namespace_id)
+        resolved = await self._resolve(model_id, namespace_id)
         if resolved is None:
-            raise ModelNotAvailable(f"alias {reference!r} not found in namespace {namespace_id!r}")
+            raise ModelNotAvailable(f"alias {model_id!r} not found in namespace {namespace_id!r}")
         model_id = resolved
         if namespace_id is not None:
             models, _ = await self._repositories()

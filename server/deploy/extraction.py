@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+import numpy as np
+
 from server.archives.compression import SNIFF_BYTES, Inflater, detect_compression, make_inflater
 from server.archives.tar_stream import MemberHandler, TarMember, TarStreamReader
 from server.deploy.specs import LOCAL_STORE, StoreConfig
@@ -71,7 +73,9 @@ class _DiskWriter(MemberHandler):
     def __init__(self, root: Path) -> None:
         self._root = root
         self._handle: IO[bytes] | None = None
-        self._buffer: mmap.mmap | None = None
+        self._buffer: np.ndarray | None = None
+        """The in-memory member being filled, as bytes: numpy copies into it without holding
+        the GIL (an mmap slice assignment holds it, which stalled the reading thread)."""
         self._filled = 0
         self.in_memory: dict[str, mmap.mmap] = {}
         """Relative path → the member's bytes (anonymous memory, released with the model)."""
@@ -79,7 +83,8 @@ class _DiskWriter(MemberHandler):
     def on_member_start(self, member: TarMember) -> None:
         target = self._root / member.path
         if not member.is_directory and member.path.endswith(IN_MEMORY_SUFFIXES) and member.size > 0:
-            self._buffer = self.in_memory[member.path] = mmap.mmap(-1, member.size)
+            self.in_memory[member.path] = memory = mmap.mmap(-1, member.size)
+            self._buffer = np.frombuffer(memory, dtype=np.uint8)
             self._filled = 0
             return
         try:
@@ -96,7 +101,7 @@ class _DiskWriter(MemberHandler):
 
     def on_member_data(self, data: memoryview) -> None:
         if self._buffer is not None:
-            self._buffer[self._filled : self._filled + len(data)] = data
+            self._buffer[self._filled : self._filled + len(data)] = np.frombuffer(data, dtype=np.uint8)
             self._filled += len(data)
         elif self._handle is not None:
             self._handle.write(data)
