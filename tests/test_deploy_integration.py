@@ -17,7 +17,7 @@ import pytest
 import ray
 import torch
 
-from modelservice_sdk.client import ModelServiceClient, ServiceError, message_to_json
+from modelservice_sdk.client import ModelServiceClient, ServiceError, file_sha256, message_to_json
 from modelservice_sdk.loader import load_namespace_model
 from modelservice_sdk.model import ModelNotAvailable
 from server.app import ModelServiceApp
@@ -25,7 +25,7 @@ from server.deploy.cache_actor import CACHE_NAMESPACE
 from tests.conftest import Tenant, make_tenant
 from tests.support import model_files
 from tests.support.ray_load import hold_one_cpu
-from tests.support.uploads import FORMATS, upload_fields, upload_model
+from tests.support.uploads import FORMATS, build_model_archive, upload_fields, upload_model
 
 pytestmark = pytest.mark.integration
 
@@ -292,19 +292,27 @@ async def test_an_idle_watch_stream_gets_heartbeats(app: ModelServiceApp, client
     assert final[-1].state == "deployed"
 
 
-async def _replace_stored_archive(app: ModelServiceApp, namespace_id: str, model_id: str, data: bytes) -> None:
+async def _replace_stored_archive(
+    app: ModelServiceApp, namespace_id: str, model_id: str, data: bytes, name: str = "archive"
+) -> None:
     settings = app.settings
     async with aioboto3.Session().client("s3", endpoint_url=settings.s3_endpoint_url, region_name=settings.s3_region) as s3:
-        key = f"{settings.s3_prefix}{namespace_id}/{model_id}/archive"
+        key = f"{settings.s3_prefix}{namespace_id}/{model_id}/{name}"
         await s3.put_object(Bucket=settings.s3_bucket, Key=key, Body=data)
 
 
+@pytest.mark.parametrize(
+    ("compression", "deployed_object"),
+    [("", "archive"), ("gz", "archive.tar")],  # a .tar.gz deploys from its inflated form
+)
 async def test_a_tampered_archive_fails_at_the_verify_stage(
-    app: ModelServiceApp, client: ModelServiceClient, tenant: Tenant, tmp_path: Path
+    app: ModelServiceApp, client: ModelServiceClient, tenant: Tenant, tmp_path: Path, compression: str,
+    deployed_object: str,
 ) -> None:
-    model_id = await upload_model(client, tenant.namespace_id, tmp_path, "safetensors")
-    other = model_files.tar_bytes({"m/model.safetensors": model_files.safetensors_bytes(seed=1)}, "gz")
-    await _replace_stored_archive(app, tenant.namespace_id, model_id, other)
+    archive = build_model_archive(tmp_path, "safetensors", compression=compression)
+    model_id = (await client.upload_file(archive, upload_fields(tenant.namespace_id, "safetensors"))).model_id
+    other = model_files.tar_bytes({"m/model.safetensors": model_files.safetensors_bytes(seed=1)}, "")
+    await _replace_stored_archive(app, tenant.namespace_id, model_id, other, deployed_object)
 
     failed = await client.deploy_model(tenant.namespace_id, model_id)
 
@@ -428,3 +436,35 @@ async def test_a_repeat_load_in_one_process_reuses_the_model_and_holds_nothing_o
     assert report == {"same_object": True, "held_while_used": True, "held_after": False}
     # Nothing in the plugin's process pins the weights: an undeploy frees them as before.
     assert (await client.undeploy_model(tenant.namespace_id, model_id)).was_cached
+
+
+async def test_a_compressed_archive_is_kept_inflated_beside_it_and_deployed_from_that(
+    app: ModelServiceApp, client: ModelServiceClient, tenant: Tenant, tmp_path: Path
+) -> None:
+    """Gzip is paid once, at upload: the inflated tar is stored with its own digest, counted
+    in the namespace's storage, and every deploy reads it; model_hash still describes the
+    archive that was uploaded."""
+    import gzip
+
+    from tests.test_upload_integration import _s3_objects_and_uploads
+
+    archive = build_model_archive(tmp_path, "safetensors", compression="gz")
+    inflated = gzip.decompress(archive.read_bytes())
+    model_id = (await client.upload_file(archive, upload_fields(tenant.namespace_id, "safetensors"))).model_id
+    objects, _ = await _s3_objects_and_uploads(app, tenant.namespace_id)
+    usage = await app.catalog.usage(tenant.namespace_id)
+    deployed = await client.deploy_model(tenant.namespace_id, model_id)
+    events = [e async for e in client.watch_deployment(tenant.namespace_id, model_id, task_id=deployed.task_id, after_sequence=1)]
+    model = (await client.get_model(tenant.namespace_id, model_id)).model
+    total = await _load_and_sum.options(runtime_env=plugin_env(app)).remote(model_id)
+
+    plain = build_model_archive(tmp_path / "plain", "onnx", compression="")
+    plain_id = (await client.upload_file(plain, upload_fields(tenant.namespace_id, "onnx"))).model_id
+    plain_objects, _ = await _s3_objects_and_uploads(app, tenant.namespace_id)
+
+    assert sorted(k.rsplit("/", 1)[1] for k in objects if model_id in k) == ["archive", "archive.tar"]
+    assert usage.archive_bytes == archive.stat().st_size + len(inflated)
+    assert deployed.deployment_status == "deployed" and model.model_hash == file_sha256(archive)
+    assert {int(e.bytes_total) for e in events if e.state == "downloading"} == {len(inflated)}
+    assert total == pytest.approx(float(sum(a.sum() for a in model_files.reference_weights().values())), rel=1e-5)
+    assert [k.rsplit("/", 1)[1] for k in plain_objects if plain_id in k] == ["archive"]  # nothing to inflate

@@ -9,6 +9,7 @@ bytes of an ONNX or PyTorch file). Memory stays small whatever the archive's siz
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from server.archives.compression import (
@@ -50,7 +51,13 @@ class ArchiveReport:
 class ArchiveInspector:
     """Push-style inspector: `feed` every chunk in order, then `finish` for the verdict."""
 
-    def __init__(self, declared_format: ModelFormat, limits: InspectionLimits) -> None:
+    def __init__(
+        self, declared_format: ModelFormat, limits: InspectionLimits,
+        on_inflated: Callable[[bytes], None] | None = None,
+    ) -> None:
+        """`on_inflated`, for a compressed archive, receives the inflated tar bytes as the
+        inspector has read them (in order, at most 4 MiB at a time)."""
+        self._on_inflated = on_inflated
         self._format = declared_format
         self._limits = limits
         self._evidence = FormatEvidence(declared_format)
@@ -102,7 +109,15 @@ class ArchiveInspector:
 
     def _start(self, head: bytes) -> None:
         self._compression = detect_compression(head)
-        self._inflater = make_inflater(self._compression, self._tar.feed)
+        sink = self._tar.feed
+        if self._on_inflated is not None and self._compression is not Compression.NONE:
+            on_inflated = self._on_inflated
+
+            def sink(data: bytes | memoryview) -> None:
+                self._tar.feed(data)  # inspected first: nothing unread is passed on
+                on_inflated(bytes(data))
+
+        self._inflater = make_inflater(self._compression, sink)
 
     def _count_unpacked(self, count: int) -> None:
         self._unpacked_bytes += count

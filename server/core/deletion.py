@@ -112,6 +112,8 @@ class DeletionService:
             raise refusal
         await self._tasks.set_stage(task.task_id, ARCHIVE, utc_now())
         await self._store.delete(model.archive_key)
+        if model.deploy_form is not None:
+            await self._store.delete(model.deploy_form.key)
         await self._tasks.set_stage(task.task_id, DOCUMENT, utc_now())
         await self._models.remove_deleted(model.model_id)
         finished = await self._tasks.finish(task.task_id, utc_now())

@@ -72,6 +72,17 @@ class DeploymentInfo:
 
 
 @dataclasses.dataclass(frozen=True)
+class DeployForm:
+    """The inflated `.tar` of a compressed archive, written during its upload, so that no
+    deploy pays decompression again. Deploys read and verify it; the original archive
+    stays what `sha256` (the public `model_hash`) describes."""
+
+    key: str
+    sha256: str
+    size_bytes: int
+
+
+@dataclasses.dataclass(frozen=True)
 class StoredModel:
     """A model whose upload completed (the public API's CustomModelDocument)."""
 
@@ -91,6 +102,8 @@ class StoredModel:
     weights_bytes: int = 0
     """Object-store bytes of the deployed weights, from upload inspection (0: unknown,
     for models uploaded before it was recorded)."""
+    deploy_form: DeployForm | None = None
+    """For a compressed archive: its deploy-ready inflated form (None for a plain tar)."""
 
     @property
     def endpoint(self) -> str:

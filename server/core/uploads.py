@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from server.archives.inspector import ArchiveInspector, InspectionLimits
 from server.archives.stores import ArchiveStore, ArchiveWriter
 from server.core import quotas
-from server.core.models import ModelMetadata, Namespace, NamespaceUsage, StoredModel, utc_now
+from server.core.models import DeployForm, ModelMetadata, Namespace, NamespaceUsage, StoredModel, utc_now
 from server.core.tenancy import TenancyService
 from server.core.validation import UploadDeclaration, validate_declaration
 from server.errors import ArchiveTooLarge, ChecksumMismatch, InvalidArchive, InvalidArgument
@@ -109,14 +109,17 @@ class UploadService:
         await self._models.reserve(model_id, metadata, archive_key, self._lease_end(), utc_now())
         writer: ArchiveWriter | None = None
         stored = False
+        deploy_form = _DeployFormWriter(self._store, deploy_form_key(archive_key), asyncio.get_running_loop())
         try:
             writer = await self._store.open_writer(archive_key)
             await self._models.record_upload_id(model_id, writer.upload_id)
             sha256, size, weights_bytes = await self._consume(
-                model_id, metadata, chunks, writer, _SizeLimit(self._limits.max_archive_bytes, storage_left, namespace, usage)
+                model_id, metadata, chunks, writer, deploy_form,
+                _SizeLimit(self._limits.max_archive_bytes, storage_left, namespace, usage),
             )
             await writer.complete()
             stored = True
+            form = await deploy_form.complete()
             model = await self._models.finalize(
                 model_id,
                 sha256=sha256,
@@ -124,10 +127,11 @@ class UploadService:
                 archive_url=self._store.url_for(archive_key),
                 weights_bytes=weights_bytes,
                 now=utc_now(),
+                deploy_form=form,
             )
         except BaseException:
             # Also on cancellation (client gone): shielded so the clean-up itself finishes.
-            await asyncio.shield(self._discard(model_id, archive_key, writer, stored))
+            await asyncio.shield(self._discard(model_id, archive_key, writer, stored, deploy_form))
             raise
         stats = UploadStats(model_id, size, time.monotonic() - started, writer.peak_buffered_bytes)
         self.recent_uploads.append(stats)
@@ -144,11 +148,12 @@ class UploadService:
         metadata: ModelMetadata,
         chunks: AsyncIterator[bytes],
         writer: ArchiveWriter,
+        deploy_form: _DeployFormWriter,
         size_limit: _SizeLimit,
     ) -> tuple[str, int, int]:
         renewer = asyncio.create_task(self._renew_lease_until_cancelled(model_id))
         try:
-            return await self._hash_inspect_store(metadata, chunks, writer, size_limit)
+            return await self._hash_inspect_store(metadata, chunks, writer, deploy_form, size_limit)
         finally:
             renewer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -165,10 +170,11 @@ class UploadService:
                 logger.warning("could not renew the lease of upload %s", model_id, exc_info=True)
 
     async def _hash_inspect_store(
-        self, metadata: ModelMetadata, chunks: AsyncIterator[bytes], writer: ArchiveWriter, size_limit: _SizeLimit
+        self, metadata: ModelMetadata, chunks: AsyncIterator[bytes], writer: ArchiveWriter,
+        deploy_form: _DeployFormWriter, size_limit: _SizeLimit,
     ) -> tuple[str, int, int]:
         digest = hashlib.sha256()
-        inspector = ArchiveInspector(metadata.model_format, self._limits.inspection)
+        inspector = ArchiveInspector(metadata.model_format, self._limits.inspection, on_inflated=deploy_form.write)
         size = 0
         async for chunk in chunks:
             if not chunk:
@@ -197,9 +203,11 @@ class UploadService:
         return sha256, size, report.weights_bytes
 
     async def _discard(
-        self, model_id: str, archive_key: str, writer: ArchiveWriter | None, stored: bool
+        self, model_id: str, archive_key: str, writer: ArchiveWriter | None, stored: bool,
+        deploy_form: _DeployFormWriter,
     ) -> None:
         try:
+            await deploy_form.discard()
             if stored:
                 await self._store.delete(archive_key)
             elif writer is not None:
@@ -227,3 +235,49 @@ async def _logged(call: Awaitable[None], failure: str) -> None:
         await call
     except Exception:
         logger.exception(failure)
+
+
+def deploy_form_key(archive_key: str) -> str:
+    """Where a compressed archive's inflated `.tar` is kept (beside the archive, under its
+    key as a prefix: what lists or aborts the archive's uploads covers it too)."""
+    return f"{archive_key}.tar"
+
+
+class _DeployFormWriter:
+    """Writes the inflated tar of a compressed upload beside the archive, with its own
+    digest, so that deploys never pay decompression again (`StoredModel.deploy_form`).
+
+    The inspector calls `write` from its worker thread with each inflated slice; each call
+    waits until the store's writer has taken the bytes, so memory stays bounded whatever
+    the compression ratio. Nothing is written for an uncompressed archive.
+    """
+
+    def __init__(self, store: ArchiveStore, key: str, loop: asyncio.AbstractEventLoop) -> None:
+        self.key = key
+        self._store = store
+        self._loop = loop
+        self._writer: ArchiveWriter | None = None
+        self._digest = hashlib.sha256()
+        self._size = 0
+        self._completed = False
+
+    def write(self, data: bytes) -> None:
+        """From the inspector's thread."""
+        if self._writer is None:
+            self._writer = asyncio.run_coroutine_threadsafe(self._store.open_writer(self.key), self._loop).result()
+        self._digest.update(data)
+        self._size += len(data)
+        asyncio.run_coroutine_threadsafe(self._writer.write(data), self._loop).result()
+
+    async def complete(self) -> DeployForm | None:
+        if self._writer is None:
+            return None
+        await self._writer.complete()
+        self._completed = True
+        return DeployForm(key=self.key, sha256=self._digest.hexdigest(), size_bytes=self._size)
+
+    async def discard(self) -> None:
+        if self._completed:
+            await self._store.delete(self.key)
+        elif self._writer is not None:
+            await self._writer.abort()

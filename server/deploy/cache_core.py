@@ -509,9 +509,14 @@ class CacheCore:
         import ray
 
         config = self._config
+        # A compressed archive is deployed from its inflated form (written at upload, with
+        # its own digest): no deploy pays decompression again.
+        form = model.deploy_form
         spec = LoadSpec(
             task_id=load.task_id, model_id=model.model_id, model_format=model.metadata.model_format.value,
-            archive_key=model.archive_key, sha256=model.sha256, size_bytes=model.size_bytes,
+            archive_key=form.key if form else model.archive_key,
+            sha256=form.sha256 if form else model.sha256,
+            size_bytes=form.size_bytes if form else model.size_bytes,
             store=config.store, max_unpacked_bytes=config.max_unpacked_bytes,
             max_members=config.max_members, scratch_dir=config.scratch_dir,
         )

@@ -18,6 +18,7 @@ from pymongo.errors import DuplicateKeyError
 
 from server.core.models import (
     DeployDefaults,
+    DeployForm,
     DeploymentInfo,
     DeploymentStatus,
     ModelFormat,
@@ -147,6 +148,7 @@ class ModelRepository:
         archive_url: str,
         weights_bytes: int,
         now: datetime.datetime,
+        deploy_form: DeployForm | None = None,
     ) -> StoredModel:
         """Turns the reservation into a ready model document."""
         document = await self._models.find_one_and_update(
@@ -158,6 +160,9 @@ class ModelRepository:
                     "size_bytes": size_bytes,
                     "weights_bytes": weights_bytes,
                     "archive_url": archive_url,
+                    "deploy_form": None if deploy_form is None else {
+                        "key": deploy_form.key, "sha256": deploy_form.sha256, "size_bytes": deploy_form.size_bytes,
+                    },
                     "created_at": now,
                     "updated_at": now,
                 },
@@ -220,11 +225,12 @@ class ModelRepository:
         models = archive_bytes = deployed_bytes = 0
         cursor = self._models.find(
             {"namespace_id": namespace_id, "state": {"$in": [UPLOADING, READY]}},
-            {"state": 1, "size_bytes": 1, "weights_bytes": 1, "deployment_status": 1},
+            {"state": 1, "size_bytes": 1, "weights_bytes": 1, "deployment_status": 1, "deploy_form": 1},
         )
         async for document in cursor:
             models += 1
             archive_bytes += int(document.get("size_bytes") or 0)
+            archive_bytes += int((document.get("deploy_form") or {}).get("size_bytes") or 0)
             if document.get("deployment_status") in (DeploymentStatus.DEPLOYED.value, DeploymentStatus.PENDING.value):
                 deployed_bytes += int(document.get("weights_bytes") or 0)
         return NamespaceUsage(models=models, archive_bytes=archive_bytes, deployed_bytes=deployed_bytes)
@@ -285,6 +291,12 @@ class ModelRepository:
         return [(model_id, pinned) for pinned, _, model_id in sorted(found, key=lambda item: (not item[0], -item[1]))]
 
 
+def _deploy_form(stored: Any) -> DeployForm | None:
+    if not stored:
+        return None
+    return DeployForm(key=str(stored["key"]), sha256=str(stored["sha256"]), size_bytes=int(stored["size_bytes"]))
+
+
 def model_from_document(document: Document) -> StoredModel:
     resources = document.get("resources") or {}
     info = document.get("deployment_info")
@@ -311,6 +323,7 @@ def model_from_document(document: Document) -> StoredModel:
         sha256=document.get("sha256", ""),
         size_bytes=int(document.get("size_bytes", 0)),
         weights_bytes=int(document.get("weights_bytes") or 0),
+        deploy_form=_deploy_form(document.get("deploy_form")),
         deployed=bool(document.get("deployed")),
         deployment_status=DeploymentStatus(document.get("deployment_status") or DeploymentStatus.NOT_DEPLOYED.value),
         deployment_error=document.get("deployment_error") or "",
