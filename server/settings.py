@@ -135,7 +135,8 @@ class Settings:
 
     @property
     def multipart_buffer_budget_bytes(self) -> int:
-        """Upper bound of archive bytes one upload holds in memory."""
+        """Upper bound of archive bytes one upload's writer holds in memory (a compressed
+        archive has two: its inflated deploy form streams to the store beside it)."""
         return (self.multipart_parts_in_flight + 1) * self.multipart_part_bytes
 
 
