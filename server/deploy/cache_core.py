@@ -30,7 +30,7 @@ from pymongo import AsyncMongoClient
 from modelservice_sdk.model import ModelNotAvailable
 from server.core.models import BASE_IMAGES, DeploymentInfo, DeploymentStatus, StoredModel, utc_now
 from server.deploy.cache_actor import cache_actor_name, plugin_endpoint
-from server.deploy.cache_policy import CachePolicy, Refusal, Resident
+from server.deploy.cache_policy import CachePolicy, Placement, Refusal, Resident
 from server.deploy.load_task import remote_copy, remote_load
 from server.deploy.specs import (
     LOADING,
@@ -91,7 +91,12 @@ class _Entry:
     namespace_id: str
     task_id: str
     info: DeploymentInfo
+    """As recorded when the load finished; `deployment_info` adds where the copies are."""
     model_name: str
+
+    @property
+    def deployment_info(self) -> DeploymentInfo:
+        return dataclasses.replace(self.info, node_ids=tuple(self.copies))
 
     def ref_for(self, node_id: str | None) -> Any:
         """The copy on the caller's node if there is one (zero-copy), else any."""
@@ -270,10 +275,7 @@ class CacheCore:
         """
         if model_id in self._loading:
             return LOADING
-        entry = self._entries.pop(model_id, None)
-        self._policy.remove(model_id)
-        self._recorded_use.pop(model_id, None)
-        self._replaced.pop(model_id, None)
+        entry = self._forget(model_id)
         models, _ = await self._repositories()
         await models.set_deployment(model_id, status=DeploymentStatus.NOT_DEPLOYED, info=None, now=utc_now())
         return NOT_CACHED if entry is None else UNDEPLOYED
@@ -577,7 +579,7 @@ class CacheCore:
         self._counters.add(self._counters.loads, "deployed")
         await models.set_deployment(
             load.model_id, status=DeploymentStatus.DEPLOYED,
-            info=dataclasses.replace(info, node_ids=tuple(entry.copies)), now=now,
+            info=entry.deployment_info, now=now,
         )
         await self._record_use(load.model_id)
         for alias in load.aliases:  # green is deployed: the aliases switch to it now
@@ -590,7 +592,9 @@ class CacheCore:
             skipped = await self._copy_to_every_node(model_id, entry)
             if self._entries.get(model_id) is entry:
                 models, _ = await self._repositories()
-                await models.set_deployment(model_id, status=DeploymentStatus.DEPLOYED, info=entry.info, now=utc_now())
+                await models.set_deployment(
+                    model_id, status=DeploymentStatus.DEPLOYED, info=entry.deployment_info, now=utc_now()
+                )
             for note in skipped:
                 logger.warning("model %s: %s", model_id, note)
         except Exception:
@@ -617,18 +621,11 @@ class CacheCore:
                 self._counters.admission_refusals += 1
                 skipped.append(f"no copy on node {node_id}: {decision.message}")
                 continue
-            for victim in decision.evict:
-                self._policy.remove_copy(victim.model_id, victim.node_id)
-            self._policy.reserve(
-                model_id, node_id, template.nbytes, pinned=template.pinned,
-                idle_ttl_seconds=template.idle_ttl_seconds, now=time.time(), namespace_id=entry.namespace_id,
+            await self._take_room(
+                decision, model_id, template.nbytes, pinned=template.pinned,
+                idle_ttl_seconds=template.idle_ttl_seconds, namespace_id=entry.namespace_id,
+                reason=f"from node {node_id} to make room for a copy of model {model_id}",
             )
-            for victim in decision.evict:
-                await self._unload(
-                    victim, "evicted",
-                    f"evicted from node {node_id} to make room for a copy of model {model_id}: least recently used, "
-                    f"{victim.nbytes} bytes freed; it loads again on demand",
-                )
             copy: Any = ray.remote(remote_copy)
             copy_ref, nbytes_ref = copy.options(
                 num_returns=2, max_retries=0, num_cpus=0,
@@ -647,8 +644,6 @@ class CacheCore:
                 break
             entry.copies[node_id] = copy_ref
             self._policy.loaded(model_id, node_id, node_id, nbytes)
-        if self._entries.get(model_id) is entry:
-            entry.info = dataclasses.replace(entry.info, node_ids=tuple(entry.copies))
         return skipped
 
     async def _admit(self, load: _Load, model: StoredModel) -> bool:
@@ -663,24 +658,34 @@ class CacheCore:
             self._counters.admission_refusals += 1
             await self._fail(load, "schedule", "INSUFFICIENT_OBJECT_STORE_MEMORY", decision.message)
             return False
-        # Applied before the next await, so that concurrent loads plan with this one's room.
-        for victim in decision.evict:
-            self._policy.remove_copy(victim.model_id, victim.node_id)
         options = load.options
-        self._policy.reserve(
-            load.model_id, decision.node_id, needs,
+        load.node_id = decision.node_id
+        await self._take_room(
+            decision, load.model_id, needs,
             pinned=options.default_pin if options.pin is None else options.pin,
             idle_ttl_seconds=options.default_idle_ttl_seconds if options.idle_ttl_seconds is None else options.idle_ttl_seconds,
-            now=time.time(), namespace_id=load.namespace_id,
+            namespace_id=load.namespace_id, reason=f"to make room for model {load.model_id}",
         )
-        load.node_id = decision.node_id
-        for victim in decision.evict:
+        return True
+
+    async def _take_room(
+        self, placement: Placement, model_id: str, nbytes: int, *, pinned: bool, idle_ttl_seconds: float,
+        namespace_id: str, reason: str,
+    ) -> None:
+        """Reserves `nbytes` on the placement's node for a load or a copy, evicting what the
+        policy chose. The policy is updated before the first await, so that concurrent
+        loads plan with this one's room."""
+        for victim in placement.evict:
+            self._policy.remove_copy(victim.model_id, victim.node_id)
+        self._policy.reserve(
+            model_id, placement.node_id, nbytes, pinned=pinned, idle_ttl_seconds=idle_ttl_seconds,
+            now=time.time(), namespace_id=namespace_id,
+        )
+        for victim in placement.evict:
             await self._unload(
                 victim, "evicted",
-                f"evicted to make room for model {load.model_id}: least recently used, {victim.nbytes} bytes freed; "
-                "it loads again on demand",
+                f"evicted {reason}: least recently used, {victim.nbytes} bytes freed; it loads again on demand",
             )
-        return True
 
     async def _unload(self, resident: Resident, state: str, message: str) -> None:
         """Drops one copy of a cached model (Ray frees its memory once no plugin still reads
@@ -694,16 +699,22 @@ class CacheCore:
         self._counters.add(self._counters.evictions, "lru" if state == "evicted" else "idle_ttl")
         models, _ = await self._repositories()
         if entry.copies:  # other nodes still hold it: still deployed, on fewer nodes
-            entry.info = dataclasses.replace(entry.info, node_ids=tuple(entry.copies))
-            await models.set_deployment(resident.model_id, status=DeploymentStatus.DEPLOYED, info=entry.info, now=utc_now())
+            await models.set_deployment(
+                resident.model_id, status=DeploymentStatus.DEPLOYED, info=entry.deployment_info, now=utc_now()
+            )
             return
-        del self._entries[resident.model_id]
-        self._recorded_use.pop(resident.model_id, None)
-        self._replaced.pop(resident.model_id, None)
+        self._forget(resident.model_id)
         await models.set_deployment(
             resident.model_id, status=DeploymentStatus.NOT_DEPLOYED, info=None, now=utc_now(), error=f"{state}: {message}"
         )
         await self._append_event(entry, state, message)
+
+    def _forget(self, model_id: str) -> _Entry | None:
+        """Drops everything this cache keeps about a model; returns its entry, if cached."""
+        self._policy.remove(model_id)
+        self._recorded_use.pop(model_id, None)
+        self._replaced.pop(model_id, None)
+        return self._entries.pop(model_id, None)
 
     async def _append_event(self, entry: _Entry, state: str, message: str) -> None:
         """An event after a deployment's end (evicted, undeployed, aliased) on its stream."""
