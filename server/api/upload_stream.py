@@ -98,7 +98,7 @@ async def _archive_bytes(
                 raise InvalidArgument(
                     f"{field} may only be set in the first message of an upload", field=field
                 )
-        if message.chunk:
-            yield message.chunk
-        elif message.http_body.data:
-            yield message.http_body.data
+        # Each read of a bytes field copies it: read once.
+        data = message.chunk or message.http_body.data
+        if data:
+            yield data

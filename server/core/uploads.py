@@ -2,8 +2,9 @@
 
 Order matters. The (namespace, name, version) is reserved in MongoDB before the first
 byte is read, so a duplicate fails at once instead of after gigabytes. Each chunk then
-goes, concurrently, to the sha256, the archive inspector (both in worker threads: they
-are CPU work and release the GIL) and the store's writer. Any failure or cancellation
+goes to the sha256, the archive inspector (each in a thread of its own: they are CPU work
+and release the GIL) and the store's writer, in order, while the next chunks are received
+(`chunk_pipeline`: a few MiB in flight at most). Any failure or cancellation
 aborts the writer and releases the reservation: nothing half-made stays behind.
 """
 
@@ -23,6 +24,7 @@ from dataclasses import dataclass
 from server.archives.inspector import ArchiveInspector, InspectionLimits
 from server.archives.stores import ArchiveStore, ArchiveWriter
 from server.core import quotas
+from server.core.chunk_pipeline import chunk_pipeline
 from server.core.models import DeployForm, ModelMetadata, Namespace, NamespaceUsage, StoredModel, utc_now
 from server.core.tenancy import TenancyService
 from server.core.validation import UploadDeclaration, validate_declaration
@@ -37,6 +39,9 @@ class UploadLimits:
     max_archive_bytes: int
     inspection: InspectionLimits
     lease_seconds: float
+    in_flight_bytes: int = 8 * 1024 * 1024
+    """Received bytes that may wait for the hash, the inspector or the store's writer
+    before the next chunk is read (the overlap between receiving and storing)."""
 
 
 @dataclass(frozen=True)
@@ -176,20 +181,17 @@ class UploadService:
         digest = hashlib.sha256()
         inspector = ArchiveInspector(metadata.model_format, self._limits.inspection, on_inflated=deploy_form.write)
         size = 0
-        async for chunk in chunks:
-            if not chunk:
-                continue
-            size += len(chunk)
-            size_limit.check(size)
-            outcomes = await asyncio.gather(
-                asyncio.to_thread(digest.update, chunk),
-                asyncio.to_thread(inspector.feed, chunk),
-                writer.write(chunk),
-                return_exceptions=True,
-            )
-            for outcome in outcomes:
-                if isinstance(outcome, BaseException):
-                    raise outcome
+        async with chunk_pipeline(
+            [digest.update, inspector.feed], writer.write,
+            max_in_flight_bytes=self._limits.in_flight_bytes, name="upload",
+        ) as pipeline:
+            async for chunk in chunks:
+                if not chunk:
+                    continue
+                size += len(chunk)
+                size_limit.check(size)
+                await pipeline.push(chunk)
+            await pipeline.finish()
         if size == 0:
             raise InvalidArchive("the upload holds no archive bytes", check="empty")
         report = await asyncio.to_thread(inspector.finish)
