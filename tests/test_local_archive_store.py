@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
-from server.archives.stores import LocalArchiveStore
+from server.archives.stores import WRITEBACK_STEP_BYTES, LocalArchiveStore
 
 
 async def test_an_aborted_upload_leaves_no_file_and_no_directory(tmp_path: Path) -> None:
@@ -31,3 +32,15 @@ def test_archive_urls_name_the_key_not_the_servers_directories(tmp_path: Path) -
     store = LocalArchiveStore(tmp_path / "archives")
     url = store.url_for("tenant/model-id/archive")
     assert url == "local-store:tenant/model-id/archive" and str(tmp_path) not in url
+
+
+async def test_an_archive_written_past_several_early_writeback_steps_reads_back_byte_for_byte(tmp_path: Path) -> None:
+    store = LocalArchiveStore(tmp_path / "archives")
+    chunks = [bytes([index]) * (3 << 20) + b"tail-%d" % index for index in range(30)]  # ~90 MiB, odd sizes
+    assert sum(map(len, chunks)) > 2 * WRITEBACK_STEP_BYTES
+    writer = await store.open_writer("tenant/model-id/archive")
+    for chunk in chunks:
+        await writer.write(chunk)
+    await writer.complete()
+    stored = store.path_for("tenant/model-id/archive")
+    assert hashlib.sha256(stored.read_bytes()).digest() == hashlib.sha256(b"".join(chunks)).digest()
