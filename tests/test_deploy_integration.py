@@ -22,7 +22,8 @@ from modelservice_sdk.loader import load_namespace_model
 from modelservice_sdk.model import ModelNotAvailable
 from server.app import ModelServiceApp
 from server.deploy.cache_actor import CACHE_NAMESPACE
-from tests.conftest import Tenant, make_tenant
+from server.settings import Settings
+from tests.conftest import Tenant, make_tenant, own_service
 from tests.support import model_files
 from tests.support.ray_load import hold_one_cpu
 from tests.support.uploads import FORMATS, build_model_archive, upload_fields, upload_model
@@ -325,6 +326,40 @@ async def test_a_tampered_archive_fails_at_the_verify_stage(
     assert model.deployment_error.startswith("verify: CHECKSUM_MISMATCH: ")
     task = await client.get_model_deploy_status(tenant.namespace_id, model_id)
     assert task.state == "FAILED" and task.error.startswith("verify: CHECKSUM_MISMATCH")
+
+
+@pytest.mark.parametrize(
+    ("case", "compression"),
+    [("safetensors", ""), ("huggingface", "gz"), ("onnx", "")],
+    ids=["safetensors-tar", "huggingface-tar.gz", "onnx-tar"],
+)
+async def test_a_deploy_from_the_local_store_unpacks_the_mapped_archive_in_place_and_still_verifies_it(
+    service_settings: Settings, tmp_path: Path, case: str, compression: str
+) -> None:
+    """The embedded default keeps archives as files: a deploy maps the file instead of
+    streaming it, keeps the weights where they lie in the tar, and still checks the digest
+    before anything is parsed."""
+    async with own_service(service_settings, tmp_path / "service", "local", s3_bucket="") as (app, tenant):
+        async with ModelServiceClient(app.address, tenant.api_key) as client:
+            archive = build_model_archive(tmp_path, case, compression=compression)
+            model_id = (await client.upload_file(archive, upload_fields(tenant.namespace_id, case))).model_id
+            deployed = await client.deploy_model(tenant.namespace_id, model_id)
+            expected = _expected_tensors(case)
+            report = await _inspect_in_ray_task.options(runtime_env=plugin_env(app)).remote(model_id, expected, PROBE_INPUT)
+
+            tampered_id = (await client.upload_file(archive, upload_fields(tenant.namespace_id, case))).model_id
+            stored = app.settings.data_dir / "archives" / tenant.namespace_id / tampered_id / ("archive.tar" if compression else "archive")
+            data = bytearray(stored.read_bytes())
+            data[len(data) // 2] ^= 0xFF
+            stored.write_bytes(bytes(data))
+            failed = await client.deploy_model(tenant.namespace_id, tampered_id)
+    assert deployed.deployment_status == "deployed"
+    assert report["names"] == sorted(expected)
+    assert report["equal"] and report["read_only"] and report["views"]
+    reference_output = _expected_output(case, tmp_path)
+    if reference_output is not None:
+        np.testing.assert_allclose(report["output"], reference_output, rtol=1e-5, atol=1e-6)
+    assert failed.deployment_status == "failed" and "verify" in failed.message and "CHECKSUM_MISMATCH" in failed.message
 
 
 def _corrupt_torch_zip() -> bytes:

@@ -11,7 +11,8 @@ import pytest
 
 from server.archives.inspector import ArchiveInspector, InspectionLimits
 from server.core.models import ModelFormat
-from server.deploy.extraction import extract_archive
+from server.deploy.extraction import Extraction, extract_archive, extract_mapped_archive, map_local_archive
+from server.deploy.specs import LOCAL_STORE, StoreConfig
 from server.errors import InvalidArchive
 from tests.support import hostile
 
@@ -52,16 +53,35 @@ def test_hostile_archive_is_refused_at_upload_by_its_rule(case: str) -> None:
     assert _refused_check(build()) == check
 
 
-@pytest.mark.parametrize("case", sorted(CORPUS))
-def test_hostile_archive_is_refused_at_deploy_and_nothing_lands_outside(case: str, tmp_path: Path) -> None:
-    build, check = CORPUS[case]
-    data = build()
-    destination = tmp_path / "scratch" / "model"
-    destination.mkdir(parents=True)
-    extraction = extract_archive(
+def _extract_streamed(archive: Path, destination: Path) -> Extraction:
+    """As from S3: the archive arrives in chunks."""
+    data = archive.read_bytes()
+    return extract_archive(
         iter([data[i : i + 65536] for i in range(0, len(data), 65536)]), destination,
         max_unpacked_bytes=1 << 30, max_members=1000, on_progress=lambda _: None,
     )
+
+
+def _extract_mapped(archive: Path, destination: Path) -> Extraction:
+    """As from the local store: the archive file mapped, its tar unpacked in place."""
+    store = StoreConfig(kind=LOCAL_STORE, local_root=str(archive.parent))
+    mapped = map_local_archive(store, archive.name)
+    assert mapped is not None
+    return extract_mapped_archive(mapped, destination, max_unpacked_bytes=1 << 30, max_members=1000, on_progress=lambda _: None)
+
+
+@pytest.mark.parametrize("extract", [_extract_streamed, _extract_mapped], ids=["streamed", "mapped"])
+@pytest.mark.parametrize("case", sorted(CORPUS))
+def test_hostile_archive_is_refused_at_deploy_and_nothing_lands_outside(
+    case: str, extract: Callable[[Path, Path], Extraction], tmp_path: Path
+) -> None:
+    build, check = CORPUS[case]
+    archive = tmp_path / "store" / "archive"
+    archive.parent.mkdir()
+    archive.write_bytes(build())
+    destination = tmp_path / "scratch" / "model"
+    destination.mkdir(parents=True)
+    extraction = extract(archive, destination)
     assert extraction.error is not None and extraction.error.details["check"] == check
     assert not (tmp_path / "scratch" / "escaped").exists() and not (tmp_path / "escaped").exists()
 

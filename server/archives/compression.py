@@ -34,7 +34,7 @@ class Compression(enum.StrEnum):
 
 
 class Inflater(Protocol):
-    def feed(self, data: bytes) -> None: ...
+    def feed(self, data: bytes | memoryview) -> None: ...
 
     def finish(self) -> None: ...
 
@@ -67,7 +67,7 @@ class _Passthrough:
     def __init__(self, sink: _Sink) -> None:
         self._sink = sink
 
-    def feed(self, data: bytes) -> None:
+    def feed(self, data: bytes | memoryview) -> None:
         self._sink(data)
 
     def finish(self) -> None:
@@ -81,7 +81,7 @@ class _GzipInflater:
         self._sink = sink
         self._inflater = zlib.decompressobj(wbits=31)
 
-    def feed(self, data: bytes) -> None:
+    def feed(self, data: bytes | memoryview) -> None:
         pending = data
         while pending:
             if self._inflater.eof:
@@ -117,7 +117,7 @@ class _ZstdInflater:
             write_return_read=True,
         )
 
-    def feed(self, data: bytes) -> None:
+    def feed(self, data: bytes | memoryview) -> None:
         self._frames.feed(data)
         try:
             self._writer.write(data)
@@ -151,7 +151,7 @@ class ZstdFrameWalker:
         self._checksum = False
         self._frames = 0
 
-    def feed(self, data: bytes) -> None:
+    def feed(self, data: bytes | memoryview) -> None:
         view = memoryview(data)
         position = 0
         while position < len(view):

@@ -14,21 +14,24 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import mmap
+import os
 import queue
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
 import numpy as np
 
-from server.archives.compression import SNIFF_BYTES, Inflater, detect_compression, make_inflater
+from server.archives.compression import SNIFF_BYTES, Compression, Inflater, detect_compression, make_inflater
 from server.archives.tar_stream import MemberHandler, TarMember, TarStreamReader
 from server.deploy.specs import LOCAL_STORE, StoreConfig
 from server.errors import InvalidArchive
 
 READ_CHUNK = 8 * 1024 * 1024
+_DETECTION_BYTES = 512
+"""Enough for `detect_compression`: the magic bytes, and whether a whole tar block is there."""
 CHUNKS_IN_FLIGHT = 4
 """Chunks read ahead of the unpacking thread (bounded memory: 4 x 8 MiB)."""
 
@@ -68,24 +71,31 @@ class _DiskWriter(MemberHandler):
     """Writes members under the root, or into memory for weights decoded in place. The tar
     reader has already refused unsafe and duplicate paths; the writer still creates each
     file exclusively (never through an existing file or link), and reports a clash as a
-    bad archive, not as a server path."""
+    bad archive, not as a server path.
 
-    def __init__(self, root: Path) -> None:
+    With `keep_views` (the archive is a read-only mapping that outlives the load), a
+    weights member whose bytes arrive in one piece is kept as a view on the mapping: no
+    copy at all.
+    """
+
+    def __init__(self, root: Path, *, keep_views: bool = False) -> None:
         self._root = root
+        self._keep_views = keep_views
         self._handle: IO[bytes] | None = None
+        self._member: TarMember | None = None
+        """The in-memory member under way, until its first bytes say whether to copy it."""
         self._buffer: np.ndarray | None = None
         """The in-memory member being filled, as bytes: numpy copies into it without holding
         the GIL (an mmap slice assignment holds it, which stalled the reading thread)."""
         self._filled = 0
-        self.in_memory: dict[str, mmap.mmap] = {}
-        """Relative path → the member's bytes (anonymous memory, released with the model)."""
+        self.in_memory: dict[str, mmap.mmap | memoryview] = {}
+        """Relative path → the member's bytes (anonymous memory, or a view on the mapped
+        archive; released with the model)."""
 
     def on_member_start(self, member: TarMember) -> None:
         target = self._root / member.path
         if not member.is_directory and member.path.endswith(IN_MEMORY_SUFFIXES) and member.size > 0:
-            self.in_memory[member.path] = memory = mmap.mmap(-1, member.size)
-            self._buffer = np.frombuffer(memory, dtype=np.uint8)
-            self._filled = 0
+            self._member = member
             return
         try:
             if member.is_directory:
@@ -100,6 +110,14 @@ class _DiskWriter(MemberHandler):
             ) from None
 
     def on_member_data(self, data: memoryview) -> None:
+        if self._member is not None:
+            member, self._member = self._member, None
+            if self._keep_views and len(data) == member.size:
+                self.in_memory[member.path] = data
+                return
+            self.in_memory[member.path] = memory = mmap.mmap(-1, member.size)
+            self._buffer = np.frombuffer(memory, dtype=np.uint8)
+            self._filled = 0
         if self._buffer is not None:
             self._buffer[self._filled : self._filled + len(data)] = np.frombuffer(data, dtype=np.uint8)
             self._filled += len(data)
@@ -107,6 +125,7 @@ class _DiskWriter(MemberHandler):
             self._handle.write(data)
 
     def on_member_end(self) -> None:
+        self._member = None
         self._buffer = None
         if self._handle is not None:
             self._handle.close()
@@ -121,7 +140,7 @@ class Extraction:
     """Digest of every byte read, whether or not the archive could be unpacked."""
     error: InvalidArchive | None
     """Why unpacking stopped early, if it did (the caller decides what that means)."""
-    in_memory: dict[str, mmap.mmap]
+    in_memory: dict[str, mmap.mmap | memoryview]
     """Members unpacked into memory instead of the destination (see IN_MEMORY_SUFFIXES)."""
 
 
@@ -138,6 +157,60 @@ def extract_archive(
     An archive that cannot be unpacked is still read and hashed to its end, so that a
     tampered archive is reported as a digest mismatch rather than as a parse error.
     """
+    writer = _DiskWriter(destination)
+    hashed = _HashingReader(chunks, on_progress)
+    error = _unpack(hashed.chunks(), writer, max_unpacked_bytes=max_unpacked_bytes, max_members=max_members)
+    return Extraction(sha256=hashed.hexdigest(), error=error, in_memory=writer.in_memory)
+
+
+def map_local_archive(store: StoreConfig, archive_key: str) -> mmap.mmap | None:
+    """The archive in the local store, mapped read-only (None for S3, and for an empty
+    file, which cannot be mapped: those stream)."""
+    if store.kind != LOCAL_STORE:
+        return None
+    with (Path(store.local_root) / archive_key).open("rb") as handle:
+        if os.fstat(handle.fileno()).st_size == 0:
+            return None
+        return mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
+
+
+def extract_mapped_archive(
+    mapped: mmap.mmap,
+    destination: Path,
+    *,
+    max_unpacked_bytes: int,
+    max_members: int,
+    on_progress: Callable[[int], None],
+) -> Extraction:
+    """Hashes the mapped archive, then unpacks it; an uncompressed tar's weights stay where
+    they are in the mapping, so a deploy copies them once, into the object store.
+
+    Stored archives are written once and renamed into place, never changed: the bytes
+    decoded are the bytes hashed. A deploy from the local store reads the page cache.
+    """
+    view = memoryview(mapped)
+    digest = hashlib.sha256()
+    slices = [view[start : start + READ_CHUNK] for start in range(0, len(view), READ_CHUNK)]
+    for done, piece in enumerate(slices, start=1):
+        digest.update(piece)  # releases the GIL
+        on_progress(min(done * READ_CHUNK, len(view)))
+    writer = _DiskWriter(destination, keep_views=True)
+    try:
+        compression = detect_compression(bytes(view[:_DETECTION_BYTES]))
+    except InvalidArchive as failure:
+        return Extraction(sha256=digest.hexdigest(), error=failure, in_memory={})
+    # An uncompressed tar is fed whole: each member's bytes reach the writer as one slice
+    # of the mapping. A compressed one is inflated slice by slice, as when streaming.
+    chunks: list[memoryview] = [view] if compression is Compression.NONE else slices
+    error = _unpack(chunks, writer, max_unpacked_bytes=max_unpacked_bytes, max_members=max_members)
+    return Extraction(sha256=digest.hexdigest(), error=error, in_memory=writer.in_memory)
+
+
+def _unpack(
+    chunks: Iterable[bytes | memoryview], writer: _DiskWriter, *, max_unpacked_bytes: int, max_members: int
+) -> InvalidArchive | None:
+    """Inflates and unpacks `chunks` into `writer`; returns why it stopped early, if it did.
+    The chunks are consumed to their end either way (the hashing reader needs that)."""
     unpacked = 0
 
     def count(size: int) -> None:
@@ -146,7 +219,6 @@ def extract_archive(
         if unpacked > max_unpacked_bytes:
             raise InvalidArchive(f"the archive unpacks to more than {max_unpacked_bytes} bytes", check="unpacked_size")
 
-    writer = _DiskWriter(destination)
     reader = TarStreamReader(
         writer, max_members=max_members, max_member_bytes=max_unpacked_bytes,
         on_unpacked_bytes=count,
@@ -154,20 +226,19 @@ def extract_archive(
     inflater: Inflater | None = None
     head = bytearray()
     error: InvalidArchive | None = None
-    hashed = _HashingReader(chunks, on_progress)
-    for chunk in hashed.chunks():
+    for chunk in chunks:
         if error is not None:
             continue
         try:
             if inflater is None:
-                head += chunk
-                if len(head) < SNIFF_BYTES:
-                    continue
-                inflater = make_inflater(detect_compression(bytes(head)), reader.feed)
-                inflater.feed(bytes(head))
-                head.clear()
-            else:
-                inflater.feed(chunk)
+                if head or len(chunk) < SNIFF_BYTES:
+                    head += chunk
+                    if len(head) < SNIFF_BYTES:
+                        continue
+                    chunk, head = bytes(head), bytearray()
+                # The first chunk goes on as it came: a view of the mapped archive stays one.
+                inflater = make_inflater(detect_compression(bytes(chunk[:_DETECTION_BYTES])), reader.feed)
+            inflater.feed(chunk)
         except InvalidArchive as failure:
             error = failure
     if error is None:
@@ -180,7 +251,7 @@ def extract_archive(
         except InvalidArchive as failure:
             error = failure
     writer.close()
-    return Extraction(sha256=hashed.hexdigest(), error=error, in_memory=writer.in_memory)
+    return error
 
 
 class _HashingReader:

@@ -1,7 +1,8 @@
 """The load of one model, run as a Ray task with the model's resource requirements.
 
-Stages, each reported to the model cache as it starts: downloading (streamed from the
-store, hashed and unpacked in one pass, with bytes done and total) → verifying (sha256
+Stages, each reported to the model cache as it starts: downloading (streamed from S3,
+hashed and unpacked in one pass; or, from the local store, the file mapped, hashed, then
+unpacked in place; with bytes done and total) → verifying (sha256
 against the digest recorded at upload; no model file is decoded before it matches) →
 decoding (by format, into numpy) → caching (the task returns the weights, which Ray
 stores once in the object store, owned by the cache actor).
@@ -22,7 +23,7 @@ from typing import Any
 from modelservice_sdk.model import NamespaceModel
 from server.deploy.decoding import decode_model
 from server.deploy.errors import DecodeError
-from server.deploy.extraction import extract_archive, read_archive
+from server.deploy.extraction import extract_archive, extract_mapped_archive, map_local_archive, read_archive
 from server.deploy.specs import LoadSpec, LoadSummary
 from server.errors import ModelServiceError
 
@@ -48,11 +49,15 @@ def run_load(spec: LoadSpec, report: Reporter, node_id: str = "") -> tuple[Names
         extracted = scratch / "model"
         extracted.mkdir()
         report({"state": "downloading", "bytes_done": 0, "bytes_total": spec.size_bytes})
-        extraction = extract_archive(
-            read_archive(spec.store, spec.archive_key), extracted,
-            max_unpacked_bytes=spec.max_unpacked_bytes, max_members=spec.max_members,
-            on_progress=_throttled_progress(report, spec.size_bytes),
-        )
+        limits: dict[str, Any] = {
+            "max_unpacked_bytes": spec.max_unpacked_bytes, "max_members": spec.max_members,
+            "on_progress": _throttled_progress(report, spec.size_bytes),
+        }
+        mapped = map_local_archive(spec.store, spec.archive_key)
+        if mapped is not None:
+            extraction = extract_mapped_archive(mapped, extracted, **limits)
+        else:
+            extraction = extract_archive(read_archive(spec.store, spec.archive_key), extracted, **limits)
         stage = VERIFY
         report({"state": "verifying", "bytes_done": spec.size_bytes, "bytes_total": spec.size_bytes})
         if extraction.sha256 != spec.sha256:
