@@ -155,8 +155,11 @@ class TarStreamReader:
 
     def _trailing(self, data: memoryview) -> None:
         self._on_unpacked_bytes(len(data))
+        # Only the allowed padding is looked at, whatever was fed (a mapped archive comes
+        # in one piece): junk within it is named as junk, anything longer as too long.
+        allowed = max(0, MAX_TRAILING_PADDING - self._trailing_bytes)
         self._trailing_bytes += len(data)
-        if any(data.tobytes()):
+        if data[:allowed].tobytes().strip(b"\0"):
             raise InvalidArchive(
                 "data follows the end of the tar archive (a second archive, or junk); only zero padding may",
                 check="trailing_data",
