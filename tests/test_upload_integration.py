@@ -296,8 +296,10 @@ async def test_bad_metadata_is_rejected_before_bytes_with_the_field_named(
 async def test_the_janitor_clears_what_a_replica_that_died_mid_upload_left(
     app: ModelServiceApp, tenant: Tenant, tmp_path: Path
 ) -> None:
-    # What a replica leaves when it dies mid-upload: a reservation whose lease is no longer
-    # renewed, and an incomplete multipart upload with a part in it.
+    # What a replica leaves when it dies mid-upload of a compressed archive: a reservation
+    # whose lease is no longer renewed, an incomplete multipart upload of the archive with
+    # a part in it, and its deploy form (the inflated tar) either still incomplete too or
+    # already completed before the replica died.
     from server.core.models import utc_now
     from server.core.validation import UploadDeclaration, validate_declaration
     from server.persistence.mongo import ModelRepository, database
@@ -311,12 +313,21 @@ async def test_the_janitor_clears_what_a_replica_that_died_mid_upload_left(
     long_ago = utc_now() - datetime.timedelta(hours=1)
     await models.reserve("orphan-model", metadata, key, lease_expires_at=long_ago, now=long_ago)
     await models.record_upload_id("orphan-model", await _orphan_multipart_upload(app, key))
-    assert (await _s3_objects_and_uploads(app, tenant.namespace_id))[1] == [app.settings.s3_prefix + key]
+    await _orphan_multipart_upload(app, key + ".tar")
+    completed_form = f"{tenant.namespace_id}/orphan-model-2/archive.tar"
+    second = validate_declaration(
+        UploadDeclaration(namespace_id=tenant.namespace_id, name="orphan", version="2", model_format="onnx")
+    )
+    await models.reserve("orphan-model-2", second, completed_form.removesuffix(".tar"), lease_expires_at=long_ago, now=long_ago)
+    await _completed_object(app, completed_form)
+    objects, uploads = await _s3_objects_and_uploads(app, tenant.namespace_id)
+    assert sorted(uploads) == [app.settings.s3_prefix + key, app.settings.s3_prefix + key + ".tar"]
+    assert objects == [app.settings.s3_prefix + completed_form]
 
     cleared = await app.janitor.sweep()
     await mongo.close()
 
-    assert cleared >= 1
+    assert cleared >= 2
     assert await _s3_objects_and_uploads(app, tenant.namespace_id) == ([], [])
     async with ModelServiceClient(app.address, tenant.api_key) as owner:
         again = model_files.tar_bytes({"m/model.onnx": model_files.write_onnx(tmp_path)[0].read_bytes()}, "gz")
@@ -450,6 +461,14 @@ async def _orphan_multipart_upload(app: ModelServiceApp, key: str) -> str:
             Bucket=settings.s3_bucket, Key=object_key, UploadId=upload_id, PartNumber=1, Body=bytes(TEST_PART_BYTES)
         )
     return upload_id
+
+
+async def _completed_object(app: ModelServiceApp, key: str) -> None:
+    settings = app.settings
+    async with aioboto3.Session().client(
+        "s3", endpoint_url=settings.s3_endpoint_url, region_name=settings.s3_region
+    ) as s3:
+        await s3.put_object(Bucket=settings.s3_bucket, Key=settings.s3_prefix + key, Body=b"inflated tar")
 
 
 def _mongo_client(app: ModelServiceApp) -> Any:

@@ -11,6 +11,7 @@ import logging
 from server.archives.stores import ArchiveStore
 from server.core.deletion import DeletionService
 from server.core.models import utc_now
+from server.core.uploads import deploy_form_key
 from server.persistence.mongo import ModelRepository
 
 logger = logging.getLogger(__name__)
@@ -33,17 +34,22 @@ class Janitor:
 
         Decided from our own records only, never from the store's clock (S3-compatible
         stores disagree on "Initiated"): a reservation whose lease ran out has every
-        incomplete upload of its archive key aborted (also one opened by a replica that died
-        before recording its id: the reservation is written before the upload is opened),
-        then is released. Live uploads renew their lease on a timer of their own. Uploads
-        under keys we hold no record of are never touched: another deployment sharing the
-        bucket may own them.
+        incomplete upload of its archive key and of its deploy form's key aborted (also one
+        opened by a replica that died before recording its id: the reservation is written
+        before the upload is opened), and whatever it completed under them deleted (a
+        reservation is never finalized, so nothing refers to those objects), then is
+        released. Live uploads renew their lease on a timer of their own. Uploads under
+        keys we hold no record of are never touched: another deployment sharing the bucket
+        may own them.
         """
         now = utc_now()
         cleared = 0
         for reservation in await self._models.expired_reservations(now):
-            for pending in await self._store.list_pending(reservation["archive_key"]):
-                await self._store.abort_pending(pending.key, pending.upload_id)
+            archive_key = reservation["archive_key"]
+            for key in (archive_key, deploy_form_key(archive_key)):
+                for pending in await self._store.list_pending(key):
+                    await self._store.abort_pending(pending.key, pending.upload_id)
+                await self._store.delete(key)
             await self._models.release(reservation["_id"])
             cleared += 1
         cleared += await self._deletions.finish_stale(self._lease)

@@ -240,8 +240,8 @@ async def _logged(call: Awaitable[None], failure: str) -> None:
 
 
 def deploy_form_key(archive_key: str) -> str:
-    """Where a compressed archive's inflated `.tar` is kept (beside the archive, under its
-    key as a prefix: what lists or aborts the archive's uploads covers it too)."""
+    """Where a compressed archive's inflated `.tar` is kept, beside the archive (the
+    janitor and deletions clear both keys)."""
     return f"{archive_key}.tar"
 
 
