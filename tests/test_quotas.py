@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import grpc
+import numpy as np
 import pytest
 
 from modelservice_sdk.client import ModelServiceClient, ServiceError
@@ -15,6 +16,7 @@ from tests.conftest import Tenant
 from tests.support import model_files
 from tests.support.uploads import build_model_archive, upload_fields, upload_model, upload_refused_before_the_bytes
 from tests.test_admin import admin
+from tests.test_upload_integration import _s3_objects_and_uploads
 
 pytestmark = pytest.mark.integration
 
@@ -78,3 +80,20 @@ async def test_the_deployed_bytes_quota_refuses_a_deploy_that_would_exceed_it(
     _, shown, _ = await admin(app, "show-quota", tenant.namespace_id)
     assert shown["usage"]["deployed_bytes"] == weights_bytes
     await client.undeploy_model(tenant.namespace_id, first)
+
+
+async def test_the_storage_quota_counts_a_compressed_uploads_inflated_form_too(
+    app: ModelServiceApp, client: ModelServiceClient, tenant: Tenant, tmp_path: Path
+) -> None:
+    # Zeros compress about 1000x: the .tar.gz is a few KiB, its inflated deploy form 4 MiB.
+    weights = {"zeros": np.zeros(1 << 20, dtype=np.float32)}
+    archive = model_files.pack(model_files.write_safetensors(tmp_path / "m", weights), tmp_path / "m.tar.gz", compression="gz")
+    assert archive.stat().st_size < 1 << 20
+    await _set_quota(app, tenant, "--max-archive-bytes", str(1 << 20))
+    with pytest.raises(ServiceError) as refused:
+        await client.upload_file(archive, upload_fields(tenant.namespace_id, "safetensors", name="inflates"))
+    assert (refused.value.code, refused.value.reason) == (grpc.StatusCode.RESOURCE_EXHAUSTED, "QUOTA_EXCEEDED")
+    assert refused.value.metadata["quota"] == "max_archive_bytes"
+    assert (await client.list_models(tenant.namespace_id)).models == []
+    objects, uploads = await _s3_objects_and_uploads(app, tenant.namespace_id)
+    assert (objects, uploads) == ([], [])  # neither the archive nor its deploy form

@@ -60,17 +60,19 @@ RECENT_UPLOADS_KEPT = 100
 
 @dataclass(frozen=True)
 class _SizeLimit:
-    """The most bytes an upload may have: the service's archive limit, and the storage
-    left in the namespace's quota, whichever is lower."""
+    """The most bytes an upload may have: the service's archive limit on the archive, and
+    the storage left in the namespace's quota on all it stores (with a compressed
+    archive's inflated deploy form)."""
 
     max_archive_bytes: int
     storage_left: int | None
     namespace: Namespace
     usage: NamespaceUsage
 
-    def check(self, size: int) -> None:
-        if self.storage_left is not None and size > self.storage_left:
-            raise quotas.archive_over_quota(self.namespace, self.usage, size)
+    def check(self, size: int, stored: int) -> None:
+        """`size`: the archive's bytes so far; `stored`: those plus the deploy form's."""
+        if self.storage_left is not None and stored > self.storage_left:
+            raise quotas.archive_over_quota(self.namespace, self.usage, stored)
         if size > self.max_archive_bytes:
             raise ArchiveTooLarge(
                 f"the archive is larger than the limit of {self.max_archive_bytes} bytes", limit=self.max_archive_bytes
@@ -189,12 +191,14 @@ class UploadService:
                 if not chunk:
                     continue
                 size += len(chunk)
-                size_limit.check(size)
+                # The deploy form's count lags by what is in flight; checked exactly below.
+                size_limit.check(size, size + deploy_form.size_bytes)
                 await pipeline.push(chunk)
             await pipeline.finish()
         if size == 0:
             raise InvalidArchive("the upload holds no archive bytes", check="empty")
         report = await asyncio.to_thread(inspector.finish)
+        size_limit.check(size, size + deploy_form.size_bytes)
         sha256 = digest.hexdigest()
         if metadata.expected_sha256 and metadata.expected_sha256 != sha256:
             raise ChecksumMismatch(
@@ -262,6 +266,11 @@ class _DeployFormWriter:
         self._digest = hashlib.sha256()
         self._size = 0
         self._completed = False
+
+    @property
+    def size_bytes(self) -> int:
+        """Inflated bytes written so far (0 for an uncompressed archive)."""
+        return self._size
 
     def write(self, data: bytes) -> None:
         """From the inspector's thread."""
