@@ -49,15 +49,18 @@ def run_load(spec: LoadSpec, report: Reporter, node_id: str = "") -> tuple[Names
         extracted = scratch / "model"
         extracted.mkdir()
         report({"state": "downloading", "bytes_done": 0, "bytes_total": spec.size_bytes})
-        limits: dict[str, Any] = {
-            "max_unpacked_bytes": spec.max_unpacked_bytes, "max_members": spec.max_members,
-            "on_progress": _throttled_progress(report, spec.size_bytes),
-        }
+        progress = _throttled_progress(report, spec.size_bytes)
         mapped = map_local_archive(spec.store, spec.archive_key)
         if mapped is not None:
-            extraction = extract_mapped_archive(mapped, extracted, **limits)
+            extraction = extract_mapped_archive(
+                mapped, extracted, max_unpacked_bytes=spec.max_unpacked_bytes, max_members=spec.max_members,
+                on_progress=progress,
+            )
         else:
-            extraction = extract_archive(read_archive(spec.store, spec.archive_key), extracted, **limits)
+            extraction = extract_archive(
+                read_archive(spec.store, spec.archive_key), extracted,
+                max_unpacked_bytes=spec.max_unpacked_bytes, max_members=spec.max_members, on_progress=progress,
+            )
         stage = VERIFY
         report({"state": "verifying", "bytes_done": spec.size_bytes, "bytes_total": spec.size_bytes})
         if extraction.sha256 != spec.sha256:
