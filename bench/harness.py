@@ -9,7 +9,7 @@ import platform
 import statistics
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,10 +19,25 @@ import safetensors.numpy
 
 from server.app import ModelServiceApp
 from server.core.models import Tier
-from server.embedded.processes import embedded_mongodb, ray_head
+from server.embedded.processes import embedded_mongodb, executable, free_port, ray_head, running_process
 from server.settings import GIB, Settings
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+@contextlib.contextmanager
+def s3_store_settings(work_dir: Path, use_s3: bool) -> Iterator[dict[str, Any]]:
+    """With `use_s3`, moto's S3 server as its own process, and the settings that point the
+    service's archive store at it; otherwise no settings (the local store)."""
+    if not use_s3:
+        yield {}
+        return
+    os.environ.setdefault("AWS_ACCESS_KEY_ID", "bench")
+    os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "bench")
+    port = free_port()
+    command = [executable("moto_server"), "-H", "127.0.0.1", "-p", str(port)]
+    with running_process(command, port=port, log_path=work_dir / "moto.log"):
+        yield {"s3_bucket": "bench-archives", "s3_endpoint_url": f"http://127.0.0.1:{port}"}
 
 
 @contextlib.asynccontextmanager

@@ -16,21 +16,18 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import hashlib
 import json
 import os
 import sys
 import tarfile
 import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from bench.harness import bench_service, median, timed, write_result, write_weights
+from bench.harness import bench_service, median, s3_store_settings, timed, write_result, write_weights
 from modelservice_sdk.client import ModelServiceClient
 from server.embedded.envoy import envoy_proxy
-from server.embedded.processes import executable, free_port, running_process
 
 MIB = 1024 * 1024
 
@@ -56,19 +53,6 @@ def _sha256_and_copy(path: Path, destination: Path, *, durable: bool = False) ->
     destination.unlink()
 
 
-@contextlib.contextmanager
-def _s3_settings(work: Path, use_s3: bool) -> Iterator[dict[str, Any]]:
-    if not use_s3:
-        yield {}
-        return
-    os.environ.setdefault("AWS_ACCESS_KEY_ID", "bench")
-    os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "bench")
-    port = free_port()
-    command = [executable("moto_server"), "-H", "127.0.0.1", "-p", str(port)]
-    with running_process(command, port=port, log_path=work / "moto.log"):
-        yield {"s3_bucket": "bench-archives", "s3_endpoint_url": f"http://127.0.0.1:{port}"}
-
-
 async def main(size_mib: int, repeat: int, use_s3: bool) -> None:
     with tempfile.TemporaryDirectory(prefix="modelservice-bench-") as scratch:
         work = Path(scratch)
@@ -78,7 +62,7 @@ async def main(size_mib: int, repeat: int, use_s3: bool) -> None:
             tar.add(weights, arcname="model/model.safetensors")
         size = archive.stat().st_size
         baseline = median(timed(lambda: _sha256_file(archive), repeat))
-        with _s3_settings(work, use_s3) as store_settings:
+        with s3_store_settings(work, use_s3) as store_settings:
             samples, peak = await _measure(work, archive, repeat, store_settings)
     grpc_seconds, rest_seconds = median(samples["grpc"]), median(samples["rest"])
     copy_baseline, durable_baseline = median(samples["copy"]), median(samples["durable_copy"])
